@@ -1,0 +1,60 @@
+# cocoon: one KVM microVM per container.
+#   make demo   set everything up and boot a microVM that prints the agent's line
+#   make test   set everything up and run all tests (what CI runs)
+#   make bench  set everything up and print the performance figures
+# Every target installs what it needs and is idempotent; the kernel build is cached outside the
+# repository (COCOON_CACHE, default /var/cache/cocoon) under a hash of its inputs.
+
+SHELL := /bin/bash
+BUILD := $(CURDIR)/build
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN := target/$(AGENT_TARGET)/release/cocoon-agent
+VMM_BIN := target/release/cocoon-vmm
+APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev cpio file \
+	qemu-system-x86 busybox-static erofs-utils e2fsprogs python3
+
+export COCOON_KERNEL := $(BUILD)/vmlinux
+export COCOON_INITRD := $(BUILD)/initramfs.cpio
+export COCOON_VMM := $(CURDIR)/$(VMM_BIN)
+
+.PHONY: all deps kernel agent initramfs vmm demo test bench lint clean
+
+all: kernel initramfs vmm
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+kernel: deps
+	@mkdir -p $(BUILD)
+	@vmlinux=$$(guest-kernel/build.sh) && ln -sfn "$$vmlinux" $(BUILD)/vmlinux && echo "kernel: $$vmlinux"
+
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p cocoon-agent --target $(AGENT_TARGET)
+
+initramfs: deps agent
+	@mkdir -p $(BUILD)
+	@guest-kernel/build-initramfs.sh $(AGENT_BIN) $(BUILD)/initramfs.cpio >/dev/null && echo "initramfs: $(BUILD)/initramfs.cpio"
+
+vmm:
+	cargo build --release -p cocoon-vmm
+
+demo: kernel initramfs vmm
+	@echo "booting a microVM (about 30 s on a PVM host, where guest kernel code is emulated)..."
+	$(VMM_BIN) --kernel $(COCOON_KERNEL) --initrd $(COCOON_INITRD) --console stdout
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test: kernel initramfs vmm lint
+	cargo test --workspace -- --nocapture
+
+bench: kernel initramfs vmm
+	python3 bench/boot.py
+
+clean:
+	rm -rf $(BUILD) target

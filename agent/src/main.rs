@@ -1,0 +1,41 @@
+//! cocoon-agent: PID 1 of every cocoon guest.
+//!
+//! Today it brings the guest up (mounts), tells the VMM it is running (boot marker), runs the
+//! boot self-check on the disks it was given, and powers the VM off. The container lifecycle
+//! over vsock builds on this.
+
+mod boot_check;
+mod console;
+mod mounts;
+mod power;
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!("cocoon-agent: must run as PID 1 (the guest's /init)");
+        std::process::exit(2);
+    }
+    if let Err(e) = mounts::mount_pseudo_filesystems() {
+        console::line(&format!("cocoon-agent: {e}"));
+    }
+    console::reopen();
+    power::mark_agent_up();
+    console::line(&format!("cocoon-agent: up, kernel {}", kernel_release()));
+
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let options = boot_check::Options::from_cmdline(&cmdline);
+    for line in boot_check::run(&options) {
+        console::line(&line);
+    }
+    if options.panic {
+        // PID 1 exiting panics the kernel: how tests make a guest crash on purpose.
+        console::line("cocoon-agent: exiting to panic the kernel, as asked");
+        std::process::exit(1);
+    }
+    power::power_off();
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}

@@ -1,0 +1,3 @@
+//! Architecture-specific boot set-up. cocoon runs x86_64 guests only.
+
+pub mod x86_64;

@@ -1,0 +1,235 @@
+//! What a VM is made of, as the user asked for it, validated before anything is created.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::arch::x86_64::mptable::MAX_CPUS;
+
+/// Smallest guest: the kernel loads at 16 MiB and needs room to unpack the initramfs.
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// Largest guest we accept.
+pub const MAX_MEMORY_MIB: u64 = 256 * 1024;
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+pub const DEFAULT_CPUS: u8 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl FromStr for DiskConfig {
+    type Err = String;
+
+    /// `PATH[,ro|,rw]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, mode) = match s.rsplit_once(',') {
+            Some((path, "ro")) => (path, true),
+            Some((path, "rw")) => (path, false),
+            Some((_, other)) => {
+                return Err(format!("unknown disk option {other:?} (expected ro or rw)"));
+            }
+            None => (s, false),
+        };
+        if path.is_empty() {
+            return Err("disk path is empty".into());
+        }
+        Ok(DiskConfig {
+            path: PathBuf::from(path),
+            read_only: mode,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    Stdout,
+    Off,
+    File(PathBuf),
+}
+
+impl FromStr for ConsoleConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdout" => Ok(ConsoleConfig::Stdout),
+            "off" => Ok(ConsoleConfig::Off),
+            "" => Err("console must be stdout, off or a file path".into()),
+            path => Ok(ConsoleConfig::File(PathBuf::from(path))),
+        }
+    }
+}
+
+impl fmt::Display for ConsoleConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConsoleConfig::Stdout => write!(f, "stdout"),
+            ConsoleConfig::Off => write!(f, "off"),
+            ConsoleConfig::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub disks: Vec<DiskConfig>,
+    pub console: ConsoleConfig,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--cpus must be between 1 and {MAX_CPUS}, got {0}")]
+    Cpus(u64),
+    #[error("--memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {0}")]
+    Memory(u64),
+    #[error("too many disks: {0} (at most {max})", max = crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES)]
+    TooManyDisks(usize),
+    #[error("kernel image {0} does not exist or is not a file")]
+    MissingKernel(PathBuf),
+    #[error("initramfs {0} does not exist or is not a file")]
+    MissingInitrd(PathBuf),
+}
+
+impl VmConfig {
+    /// Checks sizes and that the files exist, so mistakes are reported before KVM is touched.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(ConfigError::Cpus(self.cpus.into()));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::Memory(self.memory_mib));
+        }
+        if self.disks.len() > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
+        }
+        if !self.kernel.is_file() {
+            return Err(ConfigError::MissingKernel(self.kernel.clone()));
+        }
+        if let Some(initrd) = &self.initrd
+            && !initrd.is_file()
+        {
+            return Err(ConfigError::MissingInitrd(initrd.clone()));
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs() {
+        assert_eq!(
+            "a.img".parse(),
+            Ok(DiskConfig {
+                path: "a.img".into(),
+                read_only: false
+            })
+        );
+        assert_eq!(
+            "/x/a.img,ro".parse(),
+            Ok(DiskConfig {
+                path: "/x/a.img".into(),
+                read_only: true
+            })
+        );
+        assert_eq!(
+            "a,b.img,rw".parse(),
+            Ok(DiskConfig {
+                path: "a,b.img".into(),
+                read_only: false
+            })
+        );
+        assert!("a.img,rox".parse::<DiskConfig>().is_err());
+        assert!(",ro".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn console_specs() {
+        assert_eq!("off".parse(), Ok(ConsoleConfig::Off));
+        assert_eq!("stdout".parse(), Ok(ConsoleConfig::Stdout));
+        assert_eq!(
+            "/tmp/c.log".parse(),
+            Ok(ConsoleConfig::File("/tmp/c.log".into()))
+        );
+        assert!("".parse::<ConsoleConfig>().is_err());
+    }
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: "/proc/self/exe".into(),
+            initrd: None,
+            cmdline: None,
+            cpus: 1,
+            memory_mib: 128,
+            disks: vec![],
+            console: ConsoleConfig::Off,
+        }
+    }
+
+    #[test]
+    fn sizes_are_bounded() {
+        assert_eq!(config().validate(), Ok(()));
+        assert_eq!(
+            VmConfig {
+                cpus: 0,
+                ..config()
+            }
+            .validate(),
+            Err(ConfigError::Cpus(0))
+        );
+        assert_eq!(
+            VmConfig {
+                cpus: 33,
+                ..config()
+            }
+            .validate(),
+            Err(ConfigError::Cpus(33))
+        );
+        assert_eq!(
+            VmConfig {
+                memory_mib: 8,
+                ..config()
+            }
+            .validate(),
+            Err(ConfigError::Memory(8))
+        );
+        assert_eq!(
+            VmConfig {
+                memory_mib: MAX_MEMORY_MIB + 1,
+                ..config()
+            }
+            .validate(),
+            Err(ConfigError::Memory(MAX_MEMORY_MIB + 1))
+        );
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let c = VmConfig {
+            kernel: "/nonexistent/vmlinux".into(),
+            ..config()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::MissingKernel("/nonexistent/vmlinux".into()))
+        );
+        let c = VmConfig {
+            initrd: Some("/tmp".into()),
+            ..config()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::MissingInitrd("/tmp".into())));
+    }
+}

@@ -1,0 +1,5 @@
+//! Devices the guest sees: legacy port-I/O devices, the guest status page and virtio devices.
+
+pub mod guest_status;
+pub mod legacy;
+pub mod virtio;

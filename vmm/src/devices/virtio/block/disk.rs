@@ -1,0 +1,129 @@
+//! The backing file of a virtio-blk device.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::request::{SECTOR_SHIFT, Segment, VIRTIO_BLK_ID_BYTES};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk image {path} is in use by another VM (it is locked)")]
+    Locked { path: PathBuf },
+    #[error("disk image {0} is not a regular file or block device")]
+    NotAFile(PathBuf),
+}
+
+/// An open raw image: its file, size in sectors, whether the guest may write, and the id GET_ID
+/// reports (derived from the file's device and inode, so it is stable for the same image).
+pub struct Disk {
+    file: File,
+    capacity: u64,
+    read_only: bool,
+    id: [u8; VIRTIO_BLK_ID_BYTES],
+}
+
+impl Disk {
+    /// Opens `path`. A writable image is locked exclusively (and a read-only one shared) so two
+    /// VMs can never write the same image at once.
+    pub fn open(path: &Path, read_only: bool) -> Result<Disk, DiskError> {
+        let err = |source| DiskError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        if meta.is_dir() {
+            return Err(DiskError::NotAFile(path.to_owned()));
+        }
+        let lock = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a file descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+            return Err(DiskError::Locked {
+                path: path.to_owned(),
+            });
+        }
+        let size = {
+            let mut f = &file;
+            f.seek(SeekFrom::End(0)).map_err(err)?
+        };
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+        let text = format!("cocoon{:x}{:x}", meta.dev(), meta.ino());
+        let n = text.len().min(VIRTIO_BLK_ID_BYTES);
+        id[..n].copy_from_slice(&text.as_bytes()[..n]);
+        Ok(Disk {
+            file,
+            capacity: size >> SECTOR_SHIFT,
+            read_only,
+            id,
+        })
+    }
+
+    /// Size in 512-byte sectors (a partial last sector is not visible).
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn id(&self) -> &[u8; VIRTIO_BLK_ID_BYTES] {
+        &self.id
+    }
+
+    /// Reads from the image at `sector` into the guest buffers.
+    pub fn read_into(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        sector: u64,
+        data: &[Segment],
+    ) -> std::io::Result<()> {
+        self.file.seek(SeekFrom::Start(sector << SECTOR_SHIFT))?;
+        for seg in data {
+            mem.read_exact_volatile_from(seg.addr, &mut self.file, seg.len as usize)
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the guest buffers to the image at `sector`.
+    pub fn write_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        sector: u64,
+        data: &[Segment],
+    ) -> std::io::Result<()> {
+        self.file.seek(SeekFrom::Start(sector << SECTOR_SHIFT))?;
+        for seg in data {
+            mem.write_all_volatile_to(seg.addr, &mut self.file, seg.len as usize)
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        if self.read_only {
+            Ok(())
+        } else {
+            self.file.sync_data()
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! virtio devices and their transport (virtio-mmio, virtio 1.x only).
+//!
+//! A device implements [`VirtioDevice`]: what it offers (type, features, queues, config space)
+//! and how it serves one of its queues. The transport owns the queues and the feature and status
+//! handshake, so devices only ever see queues the driver has set up and the device activated.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bit every cocoon device offers and requires: virtio 1.x ("modern") semantics.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device status bits (virtio 1.x, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// Interrupt status bits (virtio-mmio `InterruptStatus`).
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG_CHANGE: u32 = 2;
+
+/// A device's interrupt line: the status bits the driver reads and acknowledges, and the irqfd
+/// that raises the IOAPIC pin.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+
+    /// Tells the driver that used buffers are waiting.
+    pub fn signal_used_ring(&self) {
+        self.status.fetch_or(INT_USED_RING, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("cannot raise virtio interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What a virtio device implements; the transport does the rest.
+pub trait VirtioDevice: Send {
+    /// Device type (virtio 1.x, 5): 2 for block, ...
+    fn device_type(&self) -> u32;
+    /// One entry per queue: its largest size.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver.
+    fn features(&self) -> u64;
+    /// Reads from the device-specific configuration space. Out-of-range bytes read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the configuration space. Most devices ignore them.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver accepted `features` and set DRIVER_OK; queues are ready.
+    fn activate(&mut self, _features: u64) {}
+    /// Serves the available descriptor chains of queue `index`. Returns whether any chain was
+    /// returned to the used ring (so the transport decides whether to interrupt).
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+}
