@@ -16,8 +16,11 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{dev,proc,sys,mnt,run,tmp}
 install -m 0755 "$agent" "$stage/init"
-# The kernel opens /dev/console for init's stdio before devtmpfs exists.
+# The kernel opens /dev/console for init's stdio before devtmpfs exists. Without a console (the
+# VMM's --console off) init starts with no stdio at all, and Rust's runtime then opens /dev/null
+# for fds 0-2, aborting if it cannot: both nodes must exist before devtmpfs is mounted.
 mknod -m 0600 "$stage/dev/console" c 5 1
+mknod -m 0666 "$stage/dev/null" c 1 3
 
 tmp="$out.tmp.$$"
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner 0:0 --reproducible) > "$tmp"
