@@ -79,7 +79,7 @@ def summary(values, fmt):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", "3")))
+    parser.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", "5")))
     args = parser.parse_args()
     for path in (KERNEL, INITRD, VMM):
         if not os.path.exists(path):

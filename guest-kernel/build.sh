@@ -20,7 +20,7 @@ key=$( {
     echo "linux-source-6.1 $src_version"
     gcc --version | head -n1
     cat "$here/cocoon.config" "$here/build.sh"
-    for p in "$here"/patches/*.patch; do echo "$p"; cat "$p"; done
+    for p in "$here"/patches/*.patch; do basename "$p"; cat "$p"; done
 } | sha256sum | cut -c1-16)
 
 out="$cache_root/kernel/$key"

@@ -96,12 +96,9 @@ impl Disk {
         sector: u64,
         data: &[Segment],
     ) -> std::io::Result<()> {
-        self.file.seek(SeekFrom::Start(sector << SECTOR_SHIFT))?;
-        for seg in data {
-            mem.read_exact_volatile_from(seg.addr, &mut self.file, seg.len as usize)
-                .map_err(std::io::Error::other)?;
-        }
-        Ok(())
+        self.transfer(sector, data, |file, seg| {
+            mem.read_exact_volatile_from(seg.addr, file, seg.len as usize)
+        })
     }
 
     /// Writes the guest buffers to the image at `sector`.
@@ -111,10 +108,21 @@ impl Disk {
         sector: u64,
         data: &[Segment],
     ) -> std::io::Result<()> {
+        self.transfer(sector, data, |file, seg| {
+            mem.write_all_volatile_to(seg.addr, file, seg.len as usize)
+        })
+    }
+
+    /// Moves `data` between guest memory and the image at `sector`, one segment after another.
+    fn transfer(
+        &mut self,
+        sector: u64,
+        data: &[Segment],
+        mut segment: impl FnMut(&mut File, &Segment) -> Result<(), vm_memory::GuestMemoryError>,
+    ) -> std::io::Result<()> {
         self.file.seek(SeekFrom::Start(sector << SECTOR_SHIFT))?;
         for seg in data {
-            mem.write_all_volatile_to(seg.addr, &mut self.file, seg.len as usize)
-                .map_err(std::io::Error::other)?;
+            segment(&mut self.file, seg).map_err(std::io::Error::other)?;
         }
         Ok(())
     }
