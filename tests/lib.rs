@@ -118,3 +118,75 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Where [`pvh_elf`] loads its code and enters it.
+pub const TINY_GUEST_ENTRY: u64 = 0x10_0000;
+
+/// A minimal ELF "kernel" with a PVH entry note whose entry point runs `code` in 32-bit protected
+/// mode at [`TINY_GUEST_ENTRY`]: for tests of how the VMM treats a guest that misbehaves at its
+/// first instruction, in milliseconds instead of a whole kernel boot.
+pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    const NOTE_OFF: usize = EHDR + 2 * PHDR;
+    const CODE_OFF: usize = 0x1000;
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // namesz
+    note.extend_from_slice(&4u32.to_le_bytes()); // descsz
+    note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(TINY_GUEST_ENTRY as u32).to_le_bytes());
+
+    let mut elf = vec![0u8; CODE_OFF + code.len()];
+    elf[..16].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let mut put = |off: usize, bytes: &[u8]| elf[off..off + bytes.len()].copy_from_slice(bytes);
+    put(16, &2u16.to_le_bytes()); // ET_EXEC
+    put(18, &0x3eu16.to_le_bytes()); // x86_64
+    put(20, &1u32.to_le_bytes());
+    put(24, &TINY_GUEST_ENTRY.to_le_bytes());
+    put(32, &(EHDR as u64).to_le_bytes()); // e_phoff
+    put(52, &(EHDR as u16).to_le_bytes());
+    put(54, &(PHDR as u16).to_le_bytes());
+    put(56, &2u16.to_le_bytes()); // e_phnum
+    put(58, &64u16.to_le_bytes());
+    // PT_LOAD of the code.
+    let load = EHDR;
+    put(load, &1u32.to_le_bytes());
+    put(load + 4, &5u32.to_le_bytes());
+    put(load + 8, &(CODE_OFF as u64).to_le_bytes());
+    put(load + 16, &TINY_GUEST_ENTRY.to_le_bytes());
+    put(load + 24, &TINY_GUEST_ENTRY.to_le_bytes());
+    put(load + 32, &(code.len() as u64).to_le_bytes());
+    put(load + 40, &(code.len() as u64).to_le_bytes());
+    put(load + 48, &0x1000u64.to_le_bytes());
+    // PT_NOTE with the PVH entry.
+    let pnote = EHDR + PHDR;
+    put(pnote, &4u32.to_le_bytes());
+    put(pnote + 4, &4u32.to_le_bytes());
+    put(pnote + 8, &(NOTE_OFF as u64).to_le_bytes());
+    put(pnote + 32, &(note.len() as u64).to_le_bytes());
+    put(pnote + 40, &(note.len() as u64).to_le_bytes());
+    put(pnote + 48, &4u64.to_le_bytes());
+    put(NOTE_OFF, &note);
+    put(CODE_OFF, code);
+    elf
+}
+
+/// Runs `vmm` with `args`, with its output captured.
+pub fn run(vmm: &Path, args: &[&str]) -> Output {
+    Command::new(vmm).args(args).output().expect("start cocoon-vmm")
+}
+
+/// The path of the built VMM binary, or `None` (after saying why) outside CI when it is missing.
+pub fn vmm_or_skip(test: &str) -> Option<PathBuf> {
+    let vmm = from_env("COCOON_VMM", "target/release/cocoon-vmm");
+    if vmm.exists() {
+        return Some(vmm);
+    }
+    let problem = format!("{} is missing (run `make test`, which builds it)", vmm.display());
+    if in_ci() {
+        panic!("{test}: {problem}");
+    }
+    eprintln!("SKIPPED {test}: {problem}");
+    None
+}

@@ -19,7 +19,12 @@ fn main() {
     }
     console::reopen();
     power::mark_agent_up();
-    console::line(&format!("cocoon-agent: up, kernel {}", kernel_release()));
+    console::line(&format!(
+        "cocoon-agent: up, kernel {}, {} cpus, {} MiB",
+        kernel_release(),
+        online_cpus(),
+        memory_mib()
+    ));
 
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let options = boot_check::Options::from_cmdline(&cmdline);
@@ -32,6 +37,21 @@ fn main() {
         std::process::exit(1);
     }
     power::power_off();
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// MemTotal: what the kernel manages, a little less than the VM's RAM.
+fn memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib / 1024)
 }
 
 fn kernel_release() -> String {

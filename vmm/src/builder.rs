@@ -111,6 +111,7 @@ pub fn run(
     started_wall: SystemTime,
 ) -> Result<RunOutcome, BuildError> {
     config.validate()?;
+    let pvm_host = crate::host::is_pvm();
     let (lifecycle, ended) = Lifecycle::new(started, started_wall);
     let lifecycle = Arc::new(lifecycle);
 
@@ -180,7 +181,7 @@ pub fn run(
     // Boot structures.
     let line = cmdline::build(
         config.console != ConsoleConfig::Off,
-        crate::host::is_pvm(),
+        pvm_host,
         &announced,
         config.cmdline.as_deref(),
     )?;
@@ -206,7 +207,7 @@ pub fn run(
             .create_vcpu(id.into())
             .map_err(kvm_err("create a vCPU"))?;
         let mut cpuid = supported.clone();
-        cpuid::configure(&mut cpuid, id, config.cpus);
+        cpuid::configure(&mut cpuid, id, config.cpus, pvm_host);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
         fd.set_msrs(&msr::boot_msrs())
             .map_err(kvm_err("set MSRs"))?;
