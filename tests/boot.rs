@@ -60,10 +60,20 @@ fn guest_boots_reads_and_writes_disks_and_powers_off() {
         .find_map(|l| l.strip_prefix("cocoon-agent: up, kernel "))
         .unwrap_or_else(|| panic!("no agent line on the console:\n{console}"));
     let fields: Vec<&str> = up.split(", ").collect();
-    assert!(fields[0].starts_with("6.1."), "unexpected kernel release in {up:?}");
+    assert!(
+        fields[0].starts_with("6.1."),
+        "unexpected kernel release in {up:?}"
+    );
     assert_eq!(fields.get(1), Some(&"2 cpus"), "{up:?}");
-    let mib: u64 = fields.get(2).and_then(|f| f.strip_suffix(" MiB")).and_then(|n| n.parse().ok()).unwrap();
-    assert!((200..=256).contains(&mib), "MemTotal {mib} MiB for a 256 MiB guest");
+    let mib: u64 = fields
+        .get(2)
+        .and_then(|f| f.strip_suffix(" MiB"))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        (200..=256).contains(&mib),
+        "MemTotal {mib} MiB for a 256 MiB guest"
+    );
 
     // The read-only disk reads back byte-exact.
     let expected_ro = disk_line("vda", ro_content.len() as u64, checksum(&ro_content));

@@ -174,7 +174,10 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
 
 /// Runs `vmm` with `args`, with its output captured.
 pub fn run(vmm: &Path, args: &[&str]) -> Output {
-    Command::new(vmm).args(args).output().expect("start cocoon-vmm")
+    Command::new(vmm)
+        .args(args)
+        .output()
+        .expect("start cocoon-vmm")
 }
 
 /// The path of the built VMM binary, or `None` (after saying why) outside CI when it is missing.
@@ -183,7 +186,10 @@ pub fn vmm_or_skip(test: &str) -> Option<PathBuf> {
     if vmm.exists() {
         return Some(vmm);
     }
-    let problem = format!("{} is missing (run `make test`, which builds it)", vmm.display());
+    let problem = format!(
+        "{} is missing (run `make test`, which builds it)",
+        vmm.display()
+    );
     if in_ci() {
         panic!("{test}: {problem}");
     }

@@ -11,37 +11,80 @@ fn stderr_of(out: &std::process::Output) -> String {
 
 #[test]
 fn help_lists_every_flag() {
-    let Some(vmm) = vmm_or_skip("help_lists_every_flag") else { return };
+    let Some(vmm) = vmm_or_skip("help_lists_every_flag") else {
+        return;
+    };
     let out = run(&vmm, &["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--disk", "--console", "--metrics"] {
-        assert!(help.contains(flag), "--help does not mention {flag}:\n{help}");
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--disk",
+        "--console",
+        "--metrics",
+    ] {
+        assert!(
+            help.contains(flag),
+            "--help does not mention {flag}:\n{help}"
+        );
     }
 }
 
 #[test]
 fn bad_input_gets_one_clear_error() {
-    let Some(vmm) = vmm_or_skip("bad_input_gets_one_clear_error") else { return };
+    let Some(vmm) = vmm_or_skip("bad_input_gets_one_clear_error") else {
+        return;
+    };
     let scratch = Scratch::new("cli");
     let kernel = scratch.path("vmlinux");
     std::fs::write(&kernel, pvh_elf(&[0xf4])).unwrap();
     let k = kernel.to_str().unwrap();
 
     let cases: [(&[&str], i32, &str); 7] = [
-        (&["--kernel", "/nonexistent/vmlinux"], 1, "kernel image /nonexistent/vmlinux does not exist"),
-        (&["--kernel", k, "--initrd", "/nonexistent/initrd"], 1, "initramfs /nonexistent/initrd does not exist"),
-        (&["--kernel", k, "--memory", "4"], 1, "--memory must be between 32 and"),
-        (&["--kernel", k, "--cpus", "64"], 1, "--cpus must be between 1 and 32"),
+        (
+            &["--kernel", "/nonexistent/vmlinux"],
+            1,
+            "kernel image /nonexistent/vmlinux does not exist",
+        ),
+        (
+            &["--kernel", k, "--initrd", "/nonexistent/initrd"],
+            1,
+            "initramfs /nonexistent/initrd does not exist",
+        ),
+        (
+            &["--kernel", k, "--memory", "4"],
+            1,
+            "--memory must be between 32 and",
+        ),
+        (
+            &["--kernel", k, "--cpus", "64"],
+            1,
+            "--cpus must be between 1 and 32",
+        ),
         (&["--kernel", k, "--cpus", "0"], 2, "--cpus"),
-        (&["--kernel", k, "--disk", "/nonexistent/disk.img"], 1, "cannot open disk image /nonexistent/disk.img"),
-        (&["--kernel", k, "--console", ""], 2, "console must be stdout, off or a file path"),
+        (
+            &["--kernel", k, "--disk", "/nonexistent/disk.img"],
+            1,
+            "cannot open disk image /nonexistent/disk.img",
+        ),
+        (
+            &["--kernel", k, "--console", ""],
+            2,
+            "console must be stdout, off or a file path",
+        ),
     ];
     for (args, code, message) in cases {
         let out = run(&vmm, args);
         let stderr = stderr_of(&out);
         assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
-        assert!(stderr.contains(message), "{args:?}: want {message:?} in {stderr:?}");
+        assert!(
+            stderr.contains(message),
+            "{args:?}: want {message:?} in {stderr:?}"
+        );
     }
 
     let not_elf = scratch.path("not-elf");
@@ -49,13 +92,19 @@ fn bad_input_gets_one_clear_error() {
     if std::path::Path::new("/dev/kvm").exists() {
         let out = run(&vmm, &["--kernel", not_elf.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(1));
-        assert!(stderr_of(&out).contains("needs an uncompressed ELF vmlinux"), "{}", stderr_of(&out));
+        assert!(
+            stderr_of(&out).contains("needs an uncompressed ELF vmlinux"),
+            "{}",
+            stderr_of(&out)
+        );
     }
 }
 
 #[test]
 fn missing_kvm_is_reported() {
-    let Some(vmm) = vmm_or_skip("missing_kvm_is_reported") else { return };
+    let Some(vmm) = vmm_or_skip("missing_kvm_is_reported") else {
+        return;
+    };
     let scratch = Scratch::new("nokvm");
     let kernel = scratch.path("vmlinux");
     std::fs::write(&kernel, pvh_elf(&[0xf4])).unwrap();
@@ -65,8 +114,13 @@ fn missing_kvm_is_reported() {
         vmm.display(),
         kernel.display()
     );
-    let out = Command::new("unshare").args(["--mount", "sh", "-c", &script]).output();
-    let Some(out) = out.ok().filter(|o| !String::from_utf8_lossy(&o.stderr).contains("unshare failed")) else {
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output();
+    let Some(out) = out
+        .ok()
+        .filter(|o| !String::from_utf8_lossy(&o.stderr).contains("unshare failed"))
+    else {
         eprintln!("SKIPPED missing_kvm_is_reported: cannot make a mount namespace here");
         return;
     };
@@ -81,17 +135,25 @@ fn crash_at_entry(test: &str, code: &[u8]) -> Option<(i32, String)> {
     let scratch = Scratch::new(test);
     let kernel = scratch.path("vmlinux");
     std::fs::write(&kernel, pvh_elf(code)).unwrap();
-    let out = run(&artifacts.vmm, &["--kernel", kernel.to_str().unwrap(), "--console", "off"]);
+    let out = run(
+        &artifacts.vmm,
+        &["--kernel", kernel.to_str().unwrap(), "--console", "off"],
+    );
     Some((out.status.code().unwrap_or(-1), stderr_of(&out)))
 }
 
 #[test]
 fn guest_triple_fault_is_reported_with_its_rip() {
     // ud2 with no IDT: #UD, then #DF, then shutdown.
-    let Some((code, stderr)) = crash_at_entry("triple_fault", &[0x0f, 0x0b]) else { return };
+    let Some((code, stderr)) = crash_at_entry("triple_fault", &[0x0f, 0x0b]) else {
+        return;
+    };
     assert_eq!(code, 3, "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("guest triple-faulted at guest rip 0x"), "{stderr}");
+    assert!(
+        stderr.contains("guest triple-faulted at guest rip 0x"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -105,6 +167,10 @@ fn guest_instruction_kvm_cannot_run_is_reported() {
     assert_eq!(code, 3, "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
-    let want = if pvm { "KVM internal error 1 (emulation failure) at guest rip 0x100002" } else { "triple-faulted" };
+    let want = if pvm {
+        "KVM internal error 1 (emulation failure) at guest rip 0x100002"
+    } else {
+        "triple-faulted"
+    };
     assert!(stderr.contains(want), "want {want:?}: {stderr}");
 }

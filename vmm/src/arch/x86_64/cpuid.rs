@@ -82,7 +82,11 @@ mod tests {
     #[test]
     fn pv_hypercall_features_are_withdrawn_on_pvm_hosts_only() {
         let all = u32::MAX;
-        let entries = [kvm_cpuid_entry2 { function: LEAF_KVM_FEATURES, eax: all, ..Default::default() }];
+        let entries = [kvm_cpuid_entry2 {
+            function: LEAF_KVM_FEATURES,
+            eax: all,
+            ..Default::default()
+        }];
         let mut pvm = CpuId::from_entries(&entries).unwrap();
         configure(&mut pvm, 0, 2, true);
         assert_eq!(pvm.as_slice()[0].eax, all & !PVM_MISSING_HYPERCALLS);
