@@ -2,7 +2,7 @@
 //! structures, devices, vCPUs; then run until the guest stops.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
@@ -21,6 +21,7 @@ use crate::arch::x86_64::layout::{
     SERIAL_PORT_BASE, VIRTIO_MMIO_SIZE, virtio_irq, virtio_mmio_base,
 };
 use crate::arch::x86_64::{cpuid, memory_map, mptable, msr, pvh, regs};
+use crate::boot_image::BootImage;
 use crate::bus::{Bus, BusDevice};
 use crate::cmdline::{self, MmioDevice};
 use crate::config::{ConsoleConfig, VmConfig};
@@ -98,8 +99,12 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
 pub struct RunOutcome {
     pub reason: ExitReason,
     pub lifecycle: Arc<Lifecycle>,
-    /// Host addresses of the guest RAM mappings (left out of the VMM's own RSS).
-    pub guest_mappings: Vec<usize>,
+    /// Host address ranges of guest RAM (left out of the VMM's own RSS).
+    pub guest_mappings: Vec<(usize, usize)>,
+    /// Guest RAM and the VM, kept while vCPUs may still be inside KVM_RUN: the process ends
+    /// without unmapping or closing them.
+    pub guest_memory: GuestMemoryMmap,
+    pub vm: VmFd,
 }
 
 /// Builds the VM described by `config`, boots it, and waits until it stops. Meant to be called
@@ -137,14 +142,17 @@ pub fn run(
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+    phase(started, "vm and memory ready");
 
     // Kernel and initramfs.
     let entry = load_kernel(&mem, config)?;
+    phase(started, "kernel loaded");
     let initrd = config
         .initrd
         .as_ref()
         .map(|path| load_initrd(&mem, path))
         .transpose()?;
+    phase(started, "initramfs loaded");
 
     // Devices.
     let mut pio = Bus::new();
@@ -194,6 +202,7 @@ pub fn run(
         pvh::write_start_info(&mem, CMDLINE_START, initrd, &memory_map::e820_map(mem_size))?;
     mptable::write(&mem, config.cpus)?;
     regs::write_gdt(&mem).map_err(BuildError::Gdt)?;
+    phase(started, "devices and boot structures ready");
 
     // vCPUs.
     let supported = kvm
@@ -246,13 +255,18 @@ pub fn run(
         vcpu: 0,
         error: "no vCPU left".into(),
     });
-    // Keep the VM alive (its fds are closed on drop) until the process has reported.
-    std::mem::forget(vm);
     Ok(RunOutcome {
         reason,
         lifecycle,
         guest_mappings,
+        guest_memory: mem,
+        vm,
     })
+}
+
+/// Boot-path timing, for `--log-level debug`.
+fn phase(started: Instant, what: &str) {
+    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "{what}");
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), BuildError> {
@@ -263,7 +277,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), BuildError
         .map_err(BuildError::Thread)
 }
 
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<usize>, BuildError> {
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<(usize, usize)>, BuildError> {
     let mut mappings = Vec::new();
     for (slot, region) in mem.iter().enumerate() {
         let host = region.as_ptr() as usize;
@@ -277,24 +291,29 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<usize>, Build
         // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by `mem`,
         // which the caller keeps alive for as long as the VM runs (the process lifetime).
         unsafe { vm.set_user_memory_region(desc) }.map_err(kvm_err("map guest memory"))?;
-        mappings.push(host);
+        mappings.push((host, region.len() as usize));
     }
     Ok(mappings)
 }
 
 fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<u64, BuildError> {
     let path = &config.kernel;
-    let mut file = File::open(path).map_err(|source| BuildError::Open {
+    let open_err = |source| BuildError::Open {
         what: "kernel",
         path: path.clone(),
         source,
-    })?;
-    let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START))).map_err(
+    };
+    let mut image = BootImage::new(File::open(path).map_err(open_err)?).map_err(open_err)?;
+    let loaded = Elf::load(mem, None, &mut image, Some(GuestAddress(HIGH_MEMORY_START))).map_err(
         |source| BuildError::KernelLoad {
             path: path.clone(),
             source,
         },
     )?;
+    tracing::debug!(
+        mapped_bytes = image.mapped_bytes(),
+        "kernel segments mapped from the image"
+    );
     match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Ok(entry.0),
         _ => Err(BuildError::NoPvhEntry(path.clone())),
@@ -309,9 +328,8 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &PathBuf) -> Result<pvh::Initrd, Bui
         path: path.clone(),
         source,
     };
-    let mut file = File::open(path).map_err(open_err)?;
-    let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
-    file.rewind().map_err(open_err)?;
+    let mut image = BootImage::new(File::open(path).map_err(open_err)?).map_err(open_err)?;
+    let size = image.len();
     let low_end = mem.last_addr().0.min(MMIO_GAP_START - 1) + 1;
     // Keep the lowest 64 MiB for the kernel image and its early allocations.
     let floor = 64 << 20;
@@ -323,7 +341,7 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &PathBuf) -> Result<pvh::Initrd, Bui
             path: path.clone(),
             size,
         })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut image, size as usize)
         .map_err(|source| BuildError::InitrdLoad {
             path: path.clone(),
             source,

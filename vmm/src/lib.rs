@@ -3,6 +3,7 @@
 //! `builder::run` reads top to bottom as the boot flow; see docs/architecture.md.
 
 pub mod arch;
+pub mod boot_image;
 pub mod builder;
 pub mod bus;
 pub mod cmdline;

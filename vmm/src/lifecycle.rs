@@ -163,7 +163,9 @@ impl Lifecycle {
     }
 
     pub fn mark_first_run(&self) {
-        let _ = self.first_run.set(self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        tracing::debug!(elapsed_us = elapsed.as_micros() as u64, "first KVM_RUN");
+        let _ = self.first_run.set(elapsed);
     }
 
     /// The guest agent's boot marker.

@@ -5,14 +5,15 @@ use std::time::Duration;
 
 use crate::lifecycle::{ExitReason, Lifecycle};
 
-/// Resident memory of this process in KiB, leaving out the mappings that start at any of
-/// `excluded` (the guest RAM), from /proc/self/smaps.
-pub fn rss_excluding_kib(excluded: &[usize]) -> std::io::Result<u64> {
+/// Resident memory of this process in KiB, leaving out every mapping inside the `(start, len)`
+/// ranges of `excluded` (guest RAM, which may be split into several mappings), from
+/// /proc/self/smaps.
+pub fn rss_excluding_kib(excluded: &[(usize, usize)]) -> std::io::Result<u64> {
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     Ok(rss_from_smaps(&smaps, excluded))
 }
 
-fn rss_from_smaps(smaps: &str, excluded: &[usize]) -> u64 {
+fn rss_from_smaps(smaps: &str, excluded: &[(usize, usize)]) -> u64 {
     let mut total = 0;
     let mut counting = true;
     for line in smaps.lines() {
@@ -22,7 +23,9 @@ fn rss_from_smaps(smaps: &str, excluded: &[usize]) -> u64 {
             .filter(|(s, _)| s.chars().all(|c| c.is_ascii_hexdigit()))
         {
             let start = usize::from_str_radix(start, 16).unwrap_or(0);
-            counting = !excluded.contains(&start);
+            counting = !excluded
+                .iter()
+                .any(|(base, len)| (*base..base + len).contains(&start));
         } else if let Some(rest) = line.strip_prefix("Rss:")
             && counting
         {
@@ -89,7 +92,17 @@ Rss:                  12 kB
     #[test]
     fn guest_memory_is_left_out() {
         assert_eq!(rss_from_smaps(SMAPS, &[]), 300 + 65536 + 12);
-        assert_eq!(rss_from_smaps(SMAPS, &[0x7f00_0000_0000]), 312);
+        assert_eq!(
+            rss_from_smaps(SMAPS, &[(0x7f00_0000_0000, 0x800_0000)]),
+            312
+        );
+        // A guest mapping split in two (kernel pages mapped from the image) is left out whole.
+        let split = SMAPS.replace("7f0000000000-7f0008000000", "7f0000000000-7f0004000000")
+            + "7f0004000000-7f0008000000 rw-p 00000000 08:01 7 /vmlinux\nRss:  4096 kB\n";
+        assert_eq!(
+            rss_from_smaps(&split, &[(0x7f00_0000_0000, 0x800_0000)]),
+            312
+        );
     }
 
     #[test]
