@@ -56,7 +56,10 @@ impl BootImage {
     /// Maps the whole pages of the next `want` bytes at `dst`, if alignment allows.
     fn try_map(&mut self, dst: *mut u8, want: u64) -> Option<u64> {
         let whole = want.min(self.len.saturating_sub(self.pos)) & !(PAGE_SIZE - 1);
-        if whole == 0 || dst as u64 % PAGE_SIZE != 0 || self.pos % PAGE_SIZE != 0 {
+        if whole == 0
+            || !(dst as u64).is_multiple_of(PAGE_SIZE)
+            || !self.pos.is_multiple_of(PAGE_SIZE)
+        {
             return None;
         }
         // SAFETY: `dst..dst + whole` lies inside the VolatileSlice linux-loader handed us, which
