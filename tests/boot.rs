@@ -2,7 +2,7 @@
 //! checks what the guest saw and did. Two boots in all: one healthy guest that runs every check,
 //! one that panics on purpose.
 
-use cocoon_agent_protocol::boot_check::{Fnv1a64, disk_line, pattern};
+use cocoon_agent_protocol::boot_check::{Fnv1a64, HWRNG_SAMPLE, disk_line, pattern};
 use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, artifacts_or_skip, pseudo_random_bytes};
 
 fn checksum(bytes: &[u8]) -> u64 {
@@ -42,6 +42,7 @@ fn guest_boots_reads_and_writes_disks_and_powers_off() {
         "2",
         "--memory",
         "256",
+        "--rng",
         "--cmdline",
         &format!("cocoon.write=vdb:{WRITTEN}"),
     ]);
@@ -98,6 +99,19 @@ fn guest_boots_reads_and_writes_disks_and_powers_off() {
         console.contains(&expected_rw),
         "want {expected_rw:?} in:\n{console}"
     );
+
+    // The entropy device hands out random bytes (64 zero bytes in a row: odds 2^-512).
+    let hwrng = console
+        .lines()
+        .find(|l| l.starts_with("cocoon-agent: hwrng"))
+        .unwrap_or_else(|| panic!("no /dev/hwrng line:\n{console}"));
+    assert!(
+        hwrng.starts_with(&format!(
+            "cocoon-agent: hwrng bytes={HWRNG_SAMPLE} nonzero="
+        )),
+        "{hwrng}"
+    );
+    assert!(!hwrng.ends_with("nonzero=0"), "{hwrng}");
 
     // The VMM timed the boot itself from the agent's marker, and powered off cleanly.
     let metrics = std::fs::read_to_string(&metrics).unwrap();

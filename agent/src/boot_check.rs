@@ -4,7 +4,7 @@
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 
-use cocoon_agent_protocol::boot_check::{Fnv1a64, disk_line, pattern};
+use cocoon_agent_protocol::boot_check::{Fnv1a64, HWRNG_SAMPLE, disk_line, hwrng_line, pattern};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Options {
@@ -53,6 +53,9 @@ pub fn run(options: &Options) -> Vec<String> {
             Err(e) => format!("cocoon-agent: cannot write {dev}: {e}"),
         });
     }
+    if let Some(line) = hwrng() {
+        lines.push(line);
+    }
     let mut disks: Vec<String> = std::fs::read_dir("/sys/block")
         .map(|dir| {
             dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -68,6 +71,16 @@ pub fn run(options: &Options) -> Vec<String> {
         });
     }
     lines
+}
+
+/// Reads from /dev/hwrng when the VM has an entropy device.
+fn hwrng() -> Option<String> {
+    let mut file = std::fs::File::open("/dev/hwrng").ok()?;
+    let mut buf = [0u8; HWRNG_SAMPLE];
+    Some(match file.read_exact(&mut buf) {
+        Ok(()) => hwrng_line(buf.len(), buf.iter().filter(|b| **b != 0).count()),
+        Err(e) => format!("cocoon-agent: cannot read /dev/hwrng: {e}"),
+    })
 }
 
 fn checksum(path: &str) -> std::io::Result<(u64, u64)> {

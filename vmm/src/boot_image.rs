@@ -141,8 +141,10 @@ mod tests {
     use std::io::Write;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-    fn image(content: &[u8]) -> File {
-        let path = std::env::temp_dir().join(format!("cocoon-bootimg-{}", std::process::id()));
+    /// An unlinked file holding `content` (`name` keeps concurrent tests apart).
+    fn image(name: &str, content: &[u8]) -> File {
+        let path =
+            std::env::temp_dir().join(format!("cocoon-bootimg-{name}-{}", std::process::id()));
         std::fs::File::create(&path)
             .unwrap()
             .write_all(content)
@@ -157,7 +159,7 @@ mod tests {
         let content: Vec<u8> = (0..3 * PAGE_SIZE as usize + 100)
             .map(|i| (i % 251) as u8)
             .collect();
-        let mut img = BootImage::new(image(&content)).unwrap();
+        let mut img = BootImage::new(image("aligned", &content)).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         mem.read_exact_volatile_from(GuestAddress(0x1_0000), &mut img, content.len())
             .unwrap();
@@ -177,7 +179,7 @@ mod tests {
         let content: Vec<u8> = (0..2 * PAGE_SIZE as usize)
             .map(|i| (i % 13) as u8)
             .collect();
-        let mut img = BootImage::new(image(&content)).unwrap();
+        let mut img = BootImage::new(image("unaligned", &content)).unwrap();
         img.seek(SeekFrom::Start(10)).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         mem.read_exact_volatile_from(GuestAddress(0x2_0000), &mut img, PAGE_SIZE as usize)

@@ -30,6 +30,7 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialConsole;
 use crate::devices::virtio::block::{Block, Disk, DiskError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::event_loop::{EventLoop, QueueKick};
 use crate::lifecycle::{ExitReason, Lifecycle};
@@ -180,10 +181,20 @@ pub fn run(
     )?;
     let mut announced = Vec::new();
     let mut kicks = Vec::new();
-    for (index, disk) in config.disks.iter().enumerate() {
-        let block = Block::new(Disk::open(&disk.path, disk.read_only)?);
-        let device = add_virtio_device(&vm, &mem, &mut mmio, &mut kicks, index, Box::new(block))?;
-        announced.push(device);
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for disk in &config.disks {
+        virtio.push(Box::new(Block::new(Disk::open(
+            &disk.path,
+            disk.read_only,
+        )?)));
+    }
+    if config.rng {
+        virtio.push(Box::new(Rng::new()));
+    }
+    for (index, device) in virtio.into_iter().enumerate() {
+        announced.push(add_virtio_device(
+            &vm, &mem, &mut mmio, &mut kicks, index, device,
+        )?);
     }
 
     // Boot structures.

@@ -80,6 +80,8 @@ pub struct VmConfig {
     pub cpus: u8,
     pub memory_mib: u64,
     pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device fed from the host's getrandom.
+    pub rng: bool,
     pub console: ConsoleConfig,
 }
 
@@ -89,8 +91,8 @@ pub enum ConfigError {
     Cpus(u64),
     #[error("--memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {0}")]
     Memory(u64),
-    #[error("too many disks: {0} (at most {max})", max = crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES)]
-    TooManyDisks(usize),
+    #[error("too many devices: {0} (at most {max} disks and other virtio devices)", max = crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES)]
+    TooManyDevices(usize),
     #[error("kernel image {0} does not exist or is not a file")]
     MissingKernel(PathBuf),
     #[error("initramfs {0} does not exist or is not a file")]
@@ -106,8 +108,8 @@ impl VmConfig {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(ConfigError::Memory(self.memory_mib));
         }
-        if self.disks.len() > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {
-            return Err(ConfigError::TooManyDisks(self.disks.len()));
+        if self.virtio_devices() > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {
+            return Err(ConfigError::TooManyDevices(self.virtio_devices()));
         }
         if !self.kernel.is_file() {
             return Err(ConfigError::MissingKernel(self.kernel.clone()));
@@ -118,6 +120,11 @@ impl VmConfig {
             return Err(ConfigError::MissingInitrd(initrd.clone()));
         }
         Ok(())
+    }
+
+    /// How many virtio-mmio devices the VM gets (each takes an IRQ).
+    pub fn virtio_devices(&self) -> usize {
+        self.disks.len() + usize::from(self.rng)
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -175,6 +182,7 @@ mod tests {
             cpus: 1,
             memory_mib: 128,
             disks: vec![],
+            rng: false,
             console: ConsoleConfig::Off,
         }
     }

@@ -34,6 +34,9 @@ struct Cli {
     /// the guest sees them as /dev/vda, /dev/vdb, ... in order.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<DiskConfig>,
+    /// Give the guest a virtio-rng device (entropy from the host's getrandom).
+    #[arg(long)]
+    rng: bool,
     /// Where the serial console goes: stdout, off (fastest: no UART at all) or a file.
     #[arg(long, value_name = "stdout|off|FILE", default_value = "stdout")]
     console: ConsoleConfig,
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         cpus: cli.cpus,
         memory_mib: cli.memory,
         disks: cli.disks,
+        rng: cli.rng,
         console: cli.console,
     };
     let outcome = match builder::run(&config, started, started_wall) {

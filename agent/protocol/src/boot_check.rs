@@ -5,7 +5,8 @@
 //! - `cocoon.write=vdX:LEN` writes [`pattern`]`(LEN)` at the start of that disk before it is read.
 //! - `cocoon.panic=1` makes the agent exit instead of powering off, which panics the kernel.
 //!
-//! The agent prints one line per disk: `cocoon-agent: disk vda bytes=N fnv1a64=HEX`.
+//! The agent prints one line per disk: `cocoon-agent: disk vda bytes=N fnv1a64=HEX`, and when
+//! the VM has an entropy device, `cocoon-agent: hwrng bytes=N nonzero=M` for a sample of it.
 
 /// FNV-1a, 64-bit: a checksum both sides compute the same way, with no SIMD and no dependency.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +37,14 @@ pub fn pattern(len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| ((i / 8) as u64).to_le_bytes()[i % 8] ^ 0x5a)
         .collect()
+}
+
+/// How many bytes the agent reads from /dev/hwrng.
+pub const HWRNG_SAMPLE: usize = 64;
+
+/// The line the agent prints for its /dev/hwrng sample.
+pub fn hwrng_line(bytes: usize, nonzero: usize) -> String {
+    format!("cocoon-agent: hwrng bytes={bytes} nonzero={nonzero}")
 }
 
 /// The line the agent prints for a disk.

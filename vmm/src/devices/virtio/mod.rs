@@ -6,10 +6,11 @@
 
 pub mod block;
 pub mod mmio;
+pub mod rng;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -85,4 +86,33 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
     /// The driver reset the device.
     fn reset(&mut self) {}
+}
+
+/// Serves every available chain of `queue` with `serve` (which returns the used length), with
+/// guest notifications off while we work and a last look after turning them back on, so a kick
+/// that raced with us is not lost. Returns whether any chain was used. A ring the guest broke
+/// after activation ends the pass quietly.
+pub fn serve_chains(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+) -> bool {
+    let mut used_any = false;
+    loop {
+        if queue.disable_notification(mem).is_err() {
+            return used_any;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = serve(chain);
+            if queue.add_used(mem, head, len).is_err() {
+                return used_any;
+            }
+            used_any = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => return used_any,
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! The virtio-blk device: configuration space, features, and serving the request queue.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::disk::Disk;
@@ -8,7 +8,7 @@ use super::request::{
     Rejected, Request, RequestKind, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
 };
-use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, serve_chains};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -150,25 +150,7 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used_any = false;
-        loop {
-            // A ring address the guest broke after activation: stop serving it quietly.
-            if queue.disable_notification(mem).is_err() {
-                return used_any;
-            }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let len = self.serve(mem, chain);
-                if queue.add_used(mem, head, len).is_err() {
-                    return used_any;
-                }
-                used_any = true;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                _ => return used_any,
-            }
-        }
+        serve_chains(queue, mem, |chain| self.serve(mem, chain))
     }
 }
 
