@@ -12,6 +12,8 @@ pub struct Options {
     pub write: Option<(String, usize)>,
     /// `cocoon.panic=1`
     pub panic: bool,
+    /// `cocoon.selftest=1`: serve the device self-test over vsock instead of powering off.
+    pub selftest: bool,
 }
 
 impl Options {
@@ -28,6 +30,8 @@ impl Options {
                 }
             } else if word == "cocoon.panic=1" {
                 options.panic = true;
+            } else if word == "cocoon.selftest=1" {
+                options.selftest = true;
             }
         }
         options
@@ -77,25 +81,19 @@ pub fn run(options: &Options) -> Vec<String> {
 fn hwrng() -> Option<String> {
     let mut file = std::fs::File::open("/dev/hwrng").ok()?;
     let mut buf = [0u8; HWRNG_SAMPLE];
-    Some(match file.read_exact(&mut buf) {
-        Ok(()) => hwrng_line(buf.len(), buf.iter().filter(|b| **b != 0).count()),
-        Err(e) => format!("cocoon-agent: cannot read /dev/hwrng: {e}"),
-    })
+    match file.read_exact(&mut buf) {
+        Ok(()) => Some(hwrng_line(
+            buf.len(),
+            buf.iter().filter(|b| **b != 0).count(),
+        )),
+        // The node exists whenever the kernel has the hwrng core; ENODEV: no device behind it.
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => None,
+        Err(e) => Some(format!("cocoon-agent: cannot read /dev/hwrng: {e}")),
+    }
 }
 
 fn checksum(path: &str) -> std::io::Result<(u64, u64)> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hash = Fnv1a64::default();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok((total, hash.finish()));
-        }
-        hash.update(&buf[..n]);
-        total += n as u64;
-    }
+    Fnv1a64::of_reader(&mut std::fs::File::open(path)?)
 }
 
 #[cfg(test)]
@@ -109,9 +107,11 @@ mod tests {
             o,
             Options {
                 write: Some(("vdb".into(), 4096)),
-                panic: true
+                panic: true,
+                selftest: false,
             }
         );
+        assert!(Options::from_cmdline("cocoon.selftest=1").selftest);
         assert_eq!(Options::from_cmdline("cocoon.write=../sda:1").write, None);
         assert_eq!(Options::from_cmdline("cocoon.write=vd:1").write, None);
         assert_eq!(Options::from_cmdline("cocoon.write=vdb:x").write, None);

@@ -8,6 +8,8 @@ mod boot_check;
 mod console;
 mod mounts;
 mod power;
+mod selftest;
+mod vsock;
 
 fn main() {
     if std::process::id() != 1 {
@@ -30,6 +32,9 @@ fn main() {
     let options = boot_check::Options::from_cmdline(&cmdline);
     for line in boot_check::run(&options) {
         console::line(&line);
+    }
+    if options.selftest {
+        selftest::serve();
     }
     if options.panic {
         // PID 1 exiting panics the kernel: how tests make a guest crash on purpose.

@@ -31,6 +31,7 @@ use crate::devices::legacy::serial::SerialConsole;
 use crate::devices::virtio::block::{Block, Disk, DiskError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::event_loop::{EventLoop, QueueKick};
 use crate::lifecycle::{ExitReason, Lifecycle};
@@ -181,6 +182,7 @@ pub fn run(
     )?;
     let mut announced = Vec::new();
     let mut kicks = Vec::new();
+    let mut transports = Vec::new();
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in &config.disks {
         virtio.push(Box::new(Block::new(Disk::open(
@@ -191,10 +193,19 @@ pub fn run(
     if config.rng {
         virtio.push(Box::new(Rng::new()));
     }
+    if let Some(vsock) = &config.vsock {
+        let device = Vsock::new(vsock.cid, &vsock.uds).map_err(|source| BuildError::Open {
+            what: "vsock socket",
+            path: vsock.uds.clone(),
+            source,
+        })?;
+        virtio.push(Box::new(device));
+    }
     for (index, device) in virtio.into_iter().enumerate() {
-        announced.push(add_virtio_device(
-            &vm, &mem, &mut mmio, &mut kicks, index, device,
-        )?);
+        let (transport, window) =
+            add_virtio_device(&vm, &mem, &mut mmio, &mut kicks, index, device)?;
+        announced.push(window);
+        transports.push(transport);
     }
 
     // Boot structures.
@@ -254,8 +265,8 @@ pub fn run(
     }
 
     // Run.
-    if !kicks.is_empty() {
-        let event_loop = EventLoop::new(kicks).map_err(BuildError::Event)?;
+    let event_loop = EventLoop::new(kicks, transports).map_err(BuildError::Event)?;
+    if !event_loop.is_empty() {
         spawn("cocoon-devices", move || event_loop.run())?;
     }
     for vcpu in vcpus {
@@ -382,7 +393,7 @@ fn add_virtio_device(
     kicks: &mut Vec<QueueKick>,
     index: usize,
     device: Box<dyn VirtioDevice>,
-) -> Result<MmioDevice, BuildError> {
+) -> Result<(Arc<Mutex<MmioTransport>>, MmioDevice), BuildError> {
     let base = virtio_mmio_base(index);
     let irq = virtio_irq(index);
     let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Event)?;
@@ -408,11 +419,12 @@ fn add_virtio_device(
             Err(e) => tracing::warn!("no ioeventfd for virtio device {index} queue {queue}: {e}"),
         }
     }
-    let bus_device: Arc<Mutex<dyn BusDevice>> = transport;
+    let bus_device: Arc<Mutex<dyn BusDevice>> = transport.clone();
     mmio.insert(base, VIRTIO_MMIO_SIZE, bus_device)?;
-    Ok(MmioDevice {
+    let window = MmioDevice {
         base,
         size: VIRTIO_MMIO_SIZE,
         irq,
-    })
+    };
+    Ok((transport, window))
 }

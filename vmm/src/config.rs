@@ -42,6 +42,40 @@ impl FromStr for DiskConfig {
     }
 }
 
+/// `--vsock CID,PATH`: the guest's context id and the host-side Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub uds: PathBuf,
+}
+
+/// Context ids 0-2 are reserved (hypervisor, local, host); the kernel keeps u32::MAX as "any".
+pub const MIN_GUEST_CID: u64 = 3;
+pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
+
+impl FromStr for VsockConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (cid, path) = s.split_once(',').ok_or("expected CID,PATH")?;
+        let cid: u64 = cid
+            .parse()
+            .map_err(|_| format!("vsock CID {cid:?} is not a number"))?;
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&cid) {
+            return Err(format!(
+                "vsock CID must be between {MIN_GUEST_CID} and {MAX_GUEST_CID}, got {cid}"
+            ));
+        }
+        if path.is_empty() {
+            return Err("vsock socket path is empty".into());
+        }
+        Ok(VsockConfig {
+            cid,
+            uds: PathBuf::from(path),
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleConfig {
     Stdout,
@@ -82,6 +116,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
+    /// A virtio-vsock device with its host side on a Unix socket.
+    pub vsock: Option<VsockConfig>,
     pub console: ConsoleConfig,
 }
 
@@ -124,7 +160,7 @@ impl VmConfig {
 
     /// How many virtio-mmio devices the VM gets (each takes an IRQ).
     pub fn virtio_devices(&self) -> usize {
-        self.disks.len() + usize::from(self.rng)
+        self.disks.len() + usize::from(self.rng) + usize::from(self.vsock.is_some())
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -164,6 +200,22 @@ mod tests {
     }
 
     #[test]
+    fn vsock_specs() {
+        assert_eq!(
+            "3,/tmp/v.sock".parse(),
+            Ok(VsockConfig {
+                cid: 3,
+                uds: "/tmp/v.sock".into()
+            })
+        );
+        assert!("2,/tmp/v.sock".parse::<VsockConfig>().is_err());
+        assert!("4294967295,/tmp/v".parse::<VsockConfig>().is_err());
+        assert!("x,/tmp/v".parse::<VsockConfig>().is_err());
+        assert!("3,".parse::<VsockConfig>().is_err());
+        assert!("3".parse::<VsockConfig>().is_err());
+    }
+
+    #[test]
     fn console_specs() {
         assert_eq!("off".parse(), Ok(ConsoleConfig::Off));
         assert_eq!("stdout".parse(), Ok(ConsoleConfig::Stdout));
@@ -183,6 +235,7 @@ mod tests {
             memory_mib: 128,
             disks: vec![],
             rng: false,
+            vsock: None,
             console: ConsoleConfig::Off,
         }
     }

@@ -1,7 +1,8 @@
 //! The device thread: waits on the queue-notify eventfds KVM signals when the guest kicks a
-//! virtqueue, and lets the device serve that queue. vCPUs never block on device I/O.
+//! virtqueue, and on the devices' host-side fds (sockets, TAPs), and lets the device serve them.
+//! vCPUs never block on device I/O.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -17,27 +18,53 @@ pub struct QueueKick {
     pub queue: usize,
 }
 
+enum Source {
+    Kick(QueueKick),
+    Host(Arc<Mutex<MmioTransport>>),
+}
+
 pub struct EventLoop {
     epoll: Epoll,
-    kicks: Vec<QueueKick>,
+    sources: Vec<Source>,
 }
 
 impl EventLoop {
-    pub fn new(kicks: Vec<QueueKick>) -> std::io::Result<Self> {
+    /// Watches `kicks`, and the host-side fd of every transport in `hosts` that has one.
+    pub fn new(
+        kicks: Vec<QueueKick>,
+        hosts: Vec<Arc<Mutex<MmioTransport>>>,
+    ) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
-        for (i, kick) in kicks.iter().enumerate() {
+        let mut sources: Vec<(RawFd, Source)> = kicks
+            .into_iter()
+            .map(|k| (k.eventfd.as_raw_fd(), Source::Kick(k)))
+            .collect();
+        for transport in hosts {
+            let fd = lock(&transport).host_event_fd();
+            if let Some(fd) = fd {
+                sources.push((fd, Source::Host(transport)));
+            }
+        }
+        for (i, (fd, _)) in sources.iter().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
-                kick.eventfd.as_raw_fd(),
+                *fd,
                 EpollEvent::new(EventSet::IN, i as u64),
             )?;
         }
-        Ok(EventLoop { epoll, kicks })
+        Ok(EventLoop {
+            epoll,
+            sources: sources.into_iter().map(|(_, s)| s).collect(),
+        })
     }
 
-    /// Serves kicks until the process ends.
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    /// Serves events until the process ends.
     pub fn run(self) {
-        let mut events = vec![EpollEvent::default(); self.kicks.len().max(1)];
+        let mut events = vec![EpollEvent::default(); self.sources.len().max(1)];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -48,12 +75,15 @@ impl EventLoop {
                 }
             };
             for event in &events[..n] {
-                let Some(kick) = self.kicks.get(event.data() as usize) else {
-                    continue;
-                };
-                // Reading resets the counter; several kicks in a row are served by one pass.
-                let _ = kick.eventfd.read();
-                lock(&kick.transport).notify(kick.queue);
+                match self.sources.get(event.data() as usize) {
+                    Some(Source::Kick(kick)) => {
+                        // Reading resets the counter; several kicks in a row are served by one pass.
+                        let _ = kick.eventfd.read();
+                        lock(&kick.transport).notify(kick.queue);
+                    }
+                    Some(Source::Host(transport)) => lock(transport).host_event(),
+                    None => {}
+                }
             }
         }
     }

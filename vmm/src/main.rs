@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
 use clap::Parser;
-use cocoon_vmm::config::{ConsoleConfig, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, DiskConfig, VmConfig};
+use cocoon_vmm::config::{
+    ConsoleConfig, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, DiskConfig, VmConfig, VsockConfig,
+};
 use cocoon_vmm::{builder, metrics};
 
 /// Boot a Linux guest in a minimal KVM microVM.
@@ -37,6 +39,10 @@ struct Cli {
     /// Give the guest a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     rng: bool,
+    /// A virtio-vsock device for guest context id CID; host programs reach guest ports through
+    /// the Unix socket PATH (`CONNECT <port>\n`), guest connections to host port P reach PATH_P.
+    #[arg(long, value_name = "CID,PATH")]
+    vsock: Option<VsockConfig>,
     /// Where the serial console goes: stdout, off (fastest: no UART at all) or a file.
     #[arg(long, value_name = "stdout|off|FILE", default_value = "stdout")]
     console: ConsoleConfig,
@@ -66,6 +72,7 @@ fn main() -> ExitCode {
         memory_mib: cli.memory,
         disks: cli.disks,
         rng: cli.rng,
+        vsock: cli.vsock,
         console: cli.console,
     };
     let outcome = match builder::run(&config, started, started_wall) {
@@ -84,6 +91,10 @@ fn main() -> ExitCode {
                 path.display()
             );
         }
+    }
+    // The socket is ours: nobody can connect to a VM that is gone.
+    if let Some(vsock) = &config.vsock {
+        let _ = std::fs::remove_file(&vsock.uds);
     }
     let code = outcome.reason.exit_code();
     if code != 0 {

@@ -29,6 +29,21 @@ impl Fnv1a64 {
     pub fn finish(&self) -> u64 {
         self.0
     }
+
+    /// Reads `input` to its end: `(bytes, checksum)`.
+    pub fn of_reader(input: &mut impl std::io::Read) -> std::io::Result<(u64, u64)> {
+        let mut hash = Fnv1a64::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = input.read(&mut buf)?;
+            if n == 0 {
+                return Ok((total, hash.finish()));
+            }
+            hash.update(&buf[..n]);
+            total += n as u64;
+        }
+    }
 }
 
 /// The bytes `cocoon.write` puts on a disk: every 8-byte word holds its own offset, so a
@@ -70,5 +85,40 @@ mod tests {
         assert_eq!(p[0..8], [0x5a; 8]);
         assert_eq!(p[8], 1 ^ 0x5a);
         assert_eq!(p[16], 2 ^ 0x5a);
+    }
+}
+
+/// A deterministic byte stream (xorshift64) for transfer tests: both ends generate the same
+/// bytes from a seed, so neither has to hold the whole transfer.
+#[derive(Debug, Clone)]
+pub struct PatternStream(u64);
+
+impl PatternStream {
+    pub fn new(seed: u64) -> Self {
+        PatternStream(seed | 1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            *b = self.0 as u8;
+        }
+    }
+
+    /// Checksum of the first `len` bytes of the stream for `seed`.
+    pub fn checksum(seed: u64, len: usize) -> u64 {
+        let mut stream = PatternStream::new(seed);
+        let mut hash = Fnv1a64::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len());
+            stream.fill(&mut buf[..n]);
+            hash.update(&buf[..n]);
+            left -= n;
+        }
+        hash.finish()
     }
 }

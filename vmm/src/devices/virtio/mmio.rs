@@ -104,18 +104,38 @@ impl MmioTransport {
         if !self.activated {
             return;
         }
-        let Some(queue) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !queue.ready() {
+        if !self.queues.get(index).is_some_and(|q| q.ready()) {
             return;
         }
-        if self.device.process_queue(index, queue, &self.mem) {
-            // Without EVENT_IDX this honours the driver's VIRTQ_AVAIL_F_NO_INTERRUPT; a ring we
-            // cannot read is treated as "interrupt anyway".
-            if queue.needs_notification(&self.mem).unwrap_or(true) {
-                self.interrupt.signal_used_ring();
-            }
+        let used = self
+            .device
+            .process_queue(index, &mut self.queues, &self.mem);
+        self.interrupt_if(used);
+    }
+
+    /// The device's host side has events (see `VirtioDevice::host_event_fd`).
+    pub fn host_event(&mut self) {
+        if self.activated {
+            let used = self.device.process_host_events(&mut self.queues, &self.mem);
+            self.interrupt_if(used);
+        }
+    }
+
+    pub fn host_event_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.host_event_fd()
+    }
+
+    fn interrupt_if(&mut self, used: bool) {
+        // Without EVENT_IDX, needs_notification honours the driver's VIRTQ_AVAIL_F_NO_INTERRUPT;
+        // a ring we cannot read is treated as "interrupt anyway".
+        let mem = &self.mem;
+        if used
+            && self
+                .queues
+                .iter_mut()
+                .any(|q| q.ready() && q.needs_notification(mem).unwrap_or(true))
+        {
+            self.interrupt.signal_used_ring();
         }
     }
 
@@ -324,7 +344,7 @@ mod tests {
         fn activate(&mut self, features: u64) {
             self.activated_with = Some(features);
         }
-        fn process_queue(&mut self, _: usize, _: &mut Queue, _: &GuestMemoryMmap) -> bool {
+        fn process_queue(&mut self, _: usize, _: &mut [Queue], _: &GuestMemoryMmap) -> bool {
             self.processed += 1;
             true
         }

@@ -7,6 +7,7 @@
 pub mod block;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -81,11 +82,34 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// The driver accepted `features` and set DRIVER_OK; queues are ready.
     fn activate(&mut self, _features: u64) {}
-    /// Serves the available descriptor chains of queue `index`. Returns whether any chain was
-    /// returned to the used ring (so the transport decides whether to interrupt).
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// The driver kicked queue `index`: serve it (a device may use its other queues too, e.g.
+    /// to answer on its receive queue). Returns whether any chain was returned to a used ring
+    /// (so the transport decides whether to interrupt).
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// A pollable fd for the device's host side (a socket, or the device's own epoll of many),
+    /// watched by the device thread.
+    fn host_event_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// `host_event_fd` is readable. Same return as `process_queue`.
+    fn process_host_events(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
     /// The driver reset the device.
     fn reset(&mut self) {}
+}
+
+/// Copies the part of a device's configuration space at `offset` into `data`; bytes past the
+/// end (or an absurd offset) read as zero.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
 }
 
 /// Serves every available chain of `queue` with `serve` (which returns the used length), with

@@ -8,7 +8,7 @@ use super::request::{
     Rejected, Request, RequestKind, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
 };
-use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, serve_chains};
+use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, read_config_space, serve_chains};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -139,17 +139,13 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        read_config_space(&self.config, offset, data);
     }
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(index) else {
+            return false;
+        };
         serve_chains(queue, mem, |chain| self.serve(mem, chain))
     }
 }
@@ -205,7 +201,7 @@ mod tests {
         )
         .unwrap();
         let mut queue: Queue = q.create_queue().unwrap();
-        assert!(block.process_queue(0, &mut queue, m));
+        assert!(block.process_queue(0, std::slice::from_mut(&mut queue), m));
         let used_len: u32 = m.read_obj(q.used_addr().unchecked_add(8)).unwrap();
         let status: u8 = m.read_obj(GuestAddress(0x30_0000)).unwrap();
         (status, used_len)

@@ -103,7 +103,10 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(index) else {
+            return false;
+        };
         serve_chains(queue, mem, |chain| self.serve(mem, chain))
     }
 }
@@ -120,7 +123,7 @@ mod tests {
         let q = MockSplitQueue::new(m, 16);
         q.build_desc_chain(descs).unwrap();
         let mut queue: Queue = q.create_queue().unwrap();
-        assert!(rng.process_queue(0, &mut queue, m));
+        assert!(rng.process_queue(0, std::slice::from_mut(&mut queue), m));
         m.read_obj(q.used_addr().unchecked_add(8)).unwrap()
     }
 

@@ -1,0 +1,119 @@
+//! The vsock device: RX, TX and event queues, the guest's CID in config space, packets moved
+//! between the queues and the muxer.
+
+use std::os::fd::RawFd;
+use std::path::Path;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::muxer::Muxer;
+use super::packet::{RxBuffer, read_tx};
+use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, read_config_space, serve_chains};
+
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+pub const QUEUE_SIZE: u16 = 256;
+
+pub struct Vsock {
+    cid: u64,
+    muxer: Muxer,
+    queue_sizes: [u16; 3],
+}
+
+impl Vsock {
+    /// A device for guest `cid`, its host side listening on `uds_path`.
+    pub fn new(cid: u64, uds_path: &Path) -> std::io::Result<Vsock> {
+        Ok(Vsock {
+            cid,
+            muxer: Muxer::new(cid, uds_path)?,
+            queue_sizes: [QUEUE_SIZE; 3],
+        })
+    }
+
+    /// Moves packets from the muxer into the guest's RX buffers while both have some.
+    fn fill_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(rx) = queues.get_mut(RX_QUEUE) else {
+            return false;
+        };
+        let mut used_any = false;
+        while self.muxer.has_rx_work() {
+            let Some(chain) = rx.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = match RxBuffer::new(chain, mem) {
+                Ok(buffer) => match self.muxer.next_rx(buffer.payload_room()) {
+                    Some((header, payload)) => buffer.write(mem, header, &payload),
+                    None => {
+                        // Nothing to send after all: give the buffer back untouched.
+                        rx.go_to_previous_position();
+                        break;
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!("vsock: unusable RX buffer: {e}");
+                    self.muxer.metrics.bad_packets += 1;
+                    0
+                }
+            };
+            if rx.add_used(mem, head, len).is_err() {
+                break;
+            }
+            used_any = true;
+        }
+        used_any
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    /// `struct virtio_vsock_config { le64 guest_cid; }`
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_space(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        if index == TX_QUEUE {
+            let Some(tx) = queues.get_mut(TX_QUEUE) else {
+                return false;
+            };
+            let muxer = &mut self.muxer;
+            used |= serve_chains(tx, mem, |chain| {
+                match read_tx(chain, mem) {
+                    Ok((header, payload)) => muxer.handle_guest_packet(header, &payload),
+                    Err(e) => {
+                        tracing::debug!("vsock: bad TX packet: {e}");
+                        muxer.metrics.bad_packets += 1;
+                    }
+                }
+                0
+            });
+        }
+        // Answers to TX packets, or new RX buffers for waiting data.
+        used | self.fill_rx(queues, mem)
+    }
+
+    fn host_event_fd(&self) -> Option<RawFd> {
+        Some(self.muxer.epoll_fd())
+    }
+
+    fn process_host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        self.muxer.handle_host_events();
+        self.fill_rx(queues, mem)
+    }
+}
