@@ -55,6 +55,7 @@ test: kernel initramfs vmm lint
 
 bench: kernel initramfs vmm
 	python3 bench/boot.py
+	python3 bench/vsock.py
 
 clean:
 	rm -rf $(BUILD) target
