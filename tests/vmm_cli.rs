@@ -174,3 +174,37 @@ fn guest_instruction_kvm_cannot_run_is_reported() {
     };
     assert!(stderr.contains(want), "want {want:?}: {stderr}");
 }
+
+#[test]
+fn sigterm_kills_the_guest_and_leaves_nothing_behind() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(artifacts) = artifacts_or_skip("sigterm") else {
+        return;
+    };
+    let scratch = Scratch::new("sigterm");
+    let uds = scratch.path("v.sock");
+    let child = Command::new(&artifacts.vmm)
+        .arg("--kernel")
+        .arg(&artifacts.kernel)
+        .arg("--initrd")
+        .arg(&artifacts.initrd)
+        .args([
+            "--console",
+            "off",
+            "--vsock",
+            &format!("3,{}", uds.display()),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(uds.exists(), "the vsock socket is there while the VM runs");
+    // SAFETY: kill(2) on the child we just spawned and have not waited for.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("stopped by signal 15"), "{stderr}");
+    assert!(!uds.exists(), "vsock socket left behind");
+}

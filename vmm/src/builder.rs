@@ -121,6 +121,8 @@ pub fn run(
     let pvm_host = crate::host::is_pvm();
     let (lifecycle, ended) = Lifecycle::new(started, started_wall);
     let lifecycle = Arc::new(lifecycle);
+    // Before any other thread exists, so every thread inherits the blocked mask.
+    watch_stop_signals(lifecycle.clone())?;
 
     // KVM and guest memory.
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
@@ -283,6 +285,33 @@ pub fn run(
         guest_mappings,
         guest_memory: mem,
         vm,
+    })
+}
+
+/// SIGTERM, SIGINT and SIGHUP end the run like any other reason (so the caller still cleans up
+/// its sockets and reports), instead of killing the process where it stands. They are blocked
+/// in every thread and taken by one thread with `sigwait`.
+fn watch_stop_signals(lifecycle: Arc<Lifecycle>) -> Result<(), BuildError> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame; the calls only modify it and this
+    // thread's signal mask.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(BuildError::Event(std::io::Error::from_raw_os_error(rc)));
+    }
+    spawn("cocoon-signals", move || {
+        let mut signal: libc::c_int = 0;
+        // SAFETY: `set` was initialised above and moved into this thread; `signal` is ours.
+        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+            lifecycle.end(ExitReason::Signalled(signal));
+        }
     })
 }
 

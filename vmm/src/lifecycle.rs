@@ -27,6 +27,8 @@ pub enum ExitReason {
     EntryFailure { reason: u64, cpu: u32 },
     /// `KVM_RUN` itself failed.
     VcpuFailed { vcpu: u8, error: String },
+    /// The VMM was asked to stop (SIGTERM, SIGINT, SIGHUP): the VM is killed, not shut down.
+    Signalled(i32),
 }
 
 /// Exit status of the VMM when the guest powered off cleanly.
@@ -38,6 +40,8 @@ impl ExitReason {
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::PoweredOff => EXIT_OK,
+            // As a shell reports a process killed by a signal.
+            ExitReason::Signalled(signal) => 128 + signal,
             _ => EXIT_GUEST_FAILED,
         }
     }
@@ -52,6 +56,7 @@ impl ExitReason {
             ExitReason::InternalError { .. } => "internal_error",
             ExitReason::EntryFailure { .. } => "entry_failure",
             ExitReason::VcpuFailed { .. } => "vcpu_failed",
+            ExitReason::Signalled(_) => "signalled",
         }
     }
 }
@@ -91,6 +96,7 @@ impl fmt::Display for ExitReason {
                 )
             }
             ExitReason::VcpuFailed { vcpu, error } => write!(f, "vCPU {vcpu} failed: {error}"),
+            ExitReason::Signalled(signal) => write!(f, "stopped by signal {signal}, guest killed"),
         }
     }
 }

@@ -5,7 +5,7 @@
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const MEM_SIZE: usize = 1 << 20;
