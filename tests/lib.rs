@@ -93,13 +93,27 @@ impl Drop for Scratch {
 }
 
 impl Artifacts {
-    /// Runs the VMM with the kernel and initramfs plus `args`, and waits for it.
-    pub fn run_vmm(&self, args: &[&str]) -> Output {
-        Command::new(&self.vmm)
-            .arg("--kernel")
+    /// The VMM command with the kernel and initramfs, run through `wrapper` (e.g. `ip netns
+    /// exec NS`) when it is not empty.
+    pub fn vmm_command(&self, wrapper: &[&str]) -> Command {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.vmm);
+                cmd
+            }
+            None => Command::new(&self.vmm),
+        };
+        cmd.arg("--kernel")
             .arg(&self.kernel)
             .arg("--initrd")
-            .arg(&self.initrd)
+            .arg(&self.initrd);
+        cmd
+    }
+
+    /// Runs the VMM with the kernel and initramfs plus `args`, and waits for it.
+    pub fn run_vmm(&self, args: &[&str]) -> Output {
+        self.vmm_command(&[])
             .args(args)
             .output()
             .expect("start cocoon-vmm")

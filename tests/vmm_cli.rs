@@ -183,11 +183,8 @@ fn sigterm_kills_the_guest_and_leaves_nothing_behind() {
     };
     let scratch = Scratch::new("sigterm");
     let uds = scratch.path("v.sock");
-    let child = Command::new(&artifacts.vmm)
-        .arg("--kernel")
-        .arg(&artifacts.kernel)
-        .arg("--initrd")
-        .arg(&artifacts.initrd)
+    let child = artifacts
+        .vmm_command(&[])
         .args([
             "--console",
             "off",

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use cocoon_agent_protocol::boot_check::{Fnv1a64, PatternStream};
@@ -101,11 +101,8 @@ fn vsock_streams_both_ways_with_flow_control() {
     };
     let scratch = Scratch::new("vsock");
     let uds = scratch.path("v.sock");
-    let child = Command::new(&artifacts.vmm)
-        .arg("--kernel")
-        .arg(&artifacts.kernel)
-        .arg("--initrd")
-        .arg(&artifacts.initrd)
+    let child = artifacts
+        .vmm_command(&[])
         .args(["--console", scratch.path("console.log").to_str().unwrap()])
         .args(["--vsock", &format!("3,{}", uds.display())])
         .args(["--cmdline", "cocoon.selftest=1"])

@@ -7,6 +7,7 @@
 mod boot_check;
 mod console;
 mod mounts;
+mod netif;
 mod power;
 mod selftest;
 mod vsock;

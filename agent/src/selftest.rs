@@ -8,6 +8,11 @@
 //!   and replies with the line the host answered;
 //! - `REFUSE <port>`: connects to a host port expected to have no listener; replies `refused`
 //!   or `connected`;
+//! - `MAC`: replies the MAC of the first ethernet interface;
+//! - `NETUP <a.b.c.d>/<prefix>`: configures that interface, replies `up`;
+//! - `PING <a.b.c.d>`: one ICMP echo, replies `pong` or `timeout`;
+//! - `TCPSEND <a.b.c.d> <port> <n> <seed>`: TCP connect, send the pattern, half-close, reply
+//!   with the line the peer answered;
 //! - `POWEROFF`: powers the VM off.
 
 use std::fs::File;
@@ -84,6 +89,38 @@ fn handle(stream: File) -> std::io::Result<()> {
             };
             writeln!(out, "{verdict}")?;
         }
+        Some("MAC") => {
+            let name =
+                crate::netif::first_ethernet().ok_or_else(|| std::io::Error::other("no NIC"))?;
+            let mac = std::fs::read_to_string(format!("/sys/class/net/{name}/address"))?;
+            write!(out, "{mac}")?;
+        }
+        Some("NETUP") => {
+            let (addr, prefix) = words
+                .get(1)
+                .and_then(|w| w.split_once('/'))
+                .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok()?)))
+                .ok_or_else(|| std::io::Error::other(format!("bad command {line:?}")))?;
+            let name =
+                crate::netif::first_ethernet().ok_or_else(|| std::io::Error::other("no NIC"))?;
+            crate::netif::configure(&name, addr, prefix)?;
+            writeln!(out, "up")?;
+        }
+        Some("PING") => {
+            let target = ip(&words, 1)?;
+            let answered = crate::netif::ping(target, std::time::Duration::from_secs(10))?;
+            writeln!(out, "{}", if answered { "pong" } else { "timeout" })?;
+        }
+        Some("TCPSEND") => {
+            let peer = std::net::SocketAddr::from((ip(&words, 1)?, num(2)? as u16));
+            let mut tcp =
+                std::net::TcpStream::connect_timeout(&peer, std::time::Duration::from_secs(30))?;
+            send_pattern(&mut tcp, num(3)? as usize, num(4)?)?;
+            tcp.shutdown(std::net::Shutdown::Write)?;
+            let mut reply = String::new();
+            BufReader::new(tcp).take(256).read_line(&mut reply)?;
+            write!(out, "{reply}")?;
+        }
         Some("POWEROFF") => {
             writeln!(out, "bye")?;
             crate::power::power_off();
@@ -91,6 +128,13 @@ fn handle(stream: File) -> std::io::Result<()> {
         _ => writeln!(out, "unknown command")?,
     }
     Ok(())
+}
+
+fn ip(words: &[&str], i: usize) -> std::io::Result<std::net::Ipv4Addr> {
+    words
+        .get(i)
+        .and_then(|w| w.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad IPv4 address"))
 }
 
 fn send_pattern(out: &mut impl Write, len: usize, seed: u64) -> std::io::Result<()> {

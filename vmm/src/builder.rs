@@ -30,6 +30,8 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialConsole;
 use crate::devices::virtio::block::{Block, Disk, DiskError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::net::tap::{Tap, TapError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -75,6 +77,8 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
     #[error("kernel command line: {0}")]
     Cmdline(#[from] cmdline::CmdlineError),
     #[error("cannot write the command line to guest memory: {0}")]
@@ -201,6 +205,11 @@ pub fn run(
             path: vsock.uds.clone(),
             source,
         })?;
+        virtio.push(Box::new(device));
+    }
+    if let Some(net) = &config.net {
+        let tap = Tap::open(&net.tap)?;
+        let device = Net::new(tap, net.mac).map_err(BuildError::Event)?;
         virtio.push(Box::new(device));
     }
     for (index, device) in virtio.into_iter().enumerate() {

@@ -76,6 +76,53 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// `--net TAP[,MAC]`: the host TAP device and the MAC the guest sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+/// Used when `--net` names no MAC: locally administered, unicast.
+pub const DEFAULT_MAC: [u8; 6] = [0x02, 0xc0, 0xc0, 0x00, 0x00, 0x01];
+
+impl FromStr for NetConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (tap, mac) = match s.split_once(',') {
+            Some((tap, mac)) => (tap, parse_mac(mac)?),
+            None => (s, DEFAULT_MAC),
+        };
+        if tap.is_empty() || tap.len() > 15 {
+            return Err(format!("TAP name {tap:?} must be 1 to 15 bytes"));
+        }
+        Ok(NetConfig {
+            tap: tap.into(),
+            mac,
+        })
+    }
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("MAC address {text:?} is not six hex bytes like 02:00:00:00:00:01");
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC address {text} is multicast"));
+    }
+    Ok(mac)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleConfig {
     Stdout,
@@ -118,6 +165,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-vsock device with its host side on a Unix socket.
     pub vsock: Option<VsockConfig>,
+    /// A virtio-net device on a host TAP.
+    pub net: Option<NetConfig>,
     pub console: ConsoleConfig,
 }
 
@@ -160,7 +209,10 @@ impl VmConfig {
 
     /// How many virtio-mmio devices the VM gets (each takes an IRQ).
     pub fn virtio_devices(&self) -> usize {
-        self.disks.len() + usize::from(self.rng) + usize::from(self.vsock.is_some())
+        self.disks.len()
+            + usize::from(self.rng)
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.net.is_some())
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -216,6 +268,32 @@ mod tests {
     }
 
     #[test]
+    fn net_specs() {
+        assert_eq!(
+            "tap0".parse(),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: DEFAULT_MAC
+            })
+        );
+        assert_eq!(
+            "tap0,02:AA:bb:00:00:05".parse(),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: [2, 0xaa, 0xbb, 0, 0, 5]
+            })
+        );
+        assert!(
+            "tap0,01:00:00:00:00:00".parse::<NetConfig>().is_err(),
+            "multicast"
+        );
+        assert!("tap0,02:00:00:00:00".parse::<NetConfig>().is_err());
+        assert!("tap0,02:00:00:00:00:zz".parse::<NetConfig>().is_err());
+        assert!("averyveryverylongtapname".parse::<NetConfig>().is_err());
+        assert!(",02:00:00:00:00:01".parse::<NetConfig>().is_err());
+    }
+
+    #[test]
     fn console_specs() {
         assert_eq!("off".parse(), Ok(ConsoleConfig::Off));
         assert_eq!("stdout".parse(), Ok(ConsoleConfig::Stdout));
@@ -236,6 +314,7 @@ mod tests {
             disks: vec![],
             rng: false,
             vsock: None,
+            net: None,
             console: ConsoleConfig::Off,
         }
     }

@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use clap::Parser;
 use cocoon_vmm::config::{
-    ConsoleConfig, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, DiskConfig, VmConfig, VsockConfig,
+    ConsoleConfig, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, DiskConfig, NetConfig, VmConfig, VsockConfig,
 };
 use cocoon_vmm::{builder, metrics};
 
@@ -43,6 +43,10 @@ struct Cli {
     /// the Unix socket PATH (`CONNECT <port>\n`), guest connections to host port P reach PATH_P.
     #[arg(long, value_name = "CID,PATH")]
     vsock: Option<VsockConfig>,
+    /// A virtio-net device on the host TAP device TAP (created if missing), with the MAC the
+    /// guest sees (default 02:c0:c0:00:00:01).
+    #[arg(long, value_name = "TAP[,MAC]")]
+    net: Option<NetConfig>,
     /// Where the serial console goes: stdout, off (fastest: no UART at all) or a file.
     #[arg(long, value_name = "stdout|off|FILE", default_value = "stdout")]
     console: ConsoleConfig,
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         disks: cli.disks,
         rng: cli.rng,
         vsock: cli.vsock,
+        net: cli.net,
         console: cli.console,
     };
     let outcome = match builder::run(&config, started, started_wall) {
