@@ -56,6 +56,7 @@ test: kernel initramfs vmm lint
 bench: kernel initramfs vmm
 	python3 bench/boot.py
 	python3 bench/vsock.py
+	python3 bench/net.py
 
 clean:
 	rm -rf $(BUILD) target

@@ -82,15 +82,19 @@ fn command(uds: &Path, line: &str) -> Option<String> {
     Some(reply.trim().to_owned())
 }
 
-/// Binds a TCP listener inside the namespace (from a thread that joins it; sockets stay in the
-/// namespace they were made in).
+/// Moves the calling thread into the namespace (sockets it makes afterwards live there).
+fn in_netns(ns: &str) {
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("netns file");
+    // SAFETY: setns on this thread only, with an fd we hold open.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns");
+}
+
+/// Binds a TCP listener inside the namespace, from a thread that joins it.
 fn listen_in(ns: &str) -> TcpListener {
     let ns = ns.to_owned();
     std::thread::spawn(move || {
-        let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("netns file");
-        // SAFETY: setns on this thread only, with an fd we hold open.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns");
+        in_netns(&ns);
         TcpListener::bind((HOST_IP, 0)).expect("bind in netns")
     })
     .join()
@@ -177,6 +181,46 @@ fn guest_nic_pings_and_moves_tcp_through_a_tap() {
         format!("host {n} {sum:016x}"),
         "the guest read the host's reply"
     );
+
+    // And the other way: the host connects to a guest listener.
+    let mut control = UnixStream::connect(&uds).unwrap();
+    control
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    control.write_all(b"CONNECT 1025\nTCPRECV 7000\n").unwrap();
+    let mut control_reader = BufReader::new(control.try_clone().unwrap());
+    let mut line = String::new();
+    control_reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "{line}");
+    line.clear();
+    control_reader.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    let to_guest = std::thread::spawn({
+        let ns = ns.0.clone();
+        move || {
+            in_netns(&ns);
+            let mut tcp = std::net::TcpStream::connect((GUEST_IP, 7000)).unwrap();
+            let mut pattern = vec![0u8; TCP_BYTES];
+            PatternStream::new(22).fill(&mut pattern);
+            tcp.write_all(&pattern).unwrap();
+            tcp.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut verdict = String::new();
+            BufReader::new(tcp).read_line(&mut verdict).unwrap();
+            verdict
+        }
+    });
+    let expected = format!(
+        "{TCP_BYTES} {:016x}",
+        PatternStream::checksum(22, TCP_BYTES)
+    );
+    assert_eq!(
+        to_guest.join().unwrap().trim(),
+        expected,
+        "the guest's verdict, over TCP"
+    );
+    line.clear();
+    control_reader.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), expected, "the guest's verdict, over vsock");
 
     assert_eq!(command(&uds, "POWEROFF").as_deref(), Some("bye"));
     let status = vm.0.wait().unwrap();

@@ -13,6 +13,8 @@
 //! - `PING <a.b.c.d>`: one ICMP echo, replies `pong` or `timeout`;
 //! - `TCPSEND <a.b.c.d> <port> <n> <seed>`: TCP connect, send the pattern, half-close, reply
 //!   with the line the peer answered;
+//! - `TCPRECV <port>`: listens on TCP `port`, replies `listening`, then takes one connection,
+//!   reads it to EOF and replies `<bytes> <fnv1a64 hex>` (and sends the same to the peer);
 //! - `POWEROFF`: powers the VM off.
 
 use std::fs::File;
@@ -120,6 +122,15 @@ fn handle(stream: File) -> std::io::Result<()> {
             let mut reply = String::new();
             BufReader::new(tcp).take(256).read_line(&mut reply)?;
             write!(out, "{reply}")?;
+        }
+        Some("TCPRECV") => {
+            let listener = std::net::TcpListener::bind(("0.0.0.0", num(1)? as u16))?;
+            writeln!(out, "listening")?;
+            let (mut tcp, _) = listener.accept()?;
+            let (bytes, sum) = Fnv1a64::of_reader(&mut tcp)?;
+            let verdict = format!("{bytes} {sum:016x}\n");
+            tcp.write_all(verdict.as_bytes())?;
+            write!(out, "{verdict}")?;
         }
         Some("POWEROFF") => {
             writeln!(out, "bye")?;
