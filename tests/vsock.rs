@@ -152,6 +152,16 @@ fn vsock_streams_both_ways_with_flow_control() {
         "the guest read our reply"
     );
 
+    // A reader that stops stalls only its own connection: the guest fills that stream's credit
+    // and waits, while another stream completes; then the stalled one is read, intact.
+    let (_stalled, mut stalled_reader) = command(&uds, &format!("SOURCE {} 31", 4 << 20));
+    std::thread::sleep(Duration::from_secs(2));
+    sink(&uds, 1 << 20, 32);
+    assert_eq!(
+        drain(&mut stalled_reader),
+        (4 << 20, PatternStream::checksum(31, 4 << 20))
+    );
+
     // Eight connections at once, both directions.
     std::thread::scope(|scope| {
         for i in 0..8u64 {
