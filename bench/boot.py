@@ -19,10 +19,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL = os.environ.get("COCOON_KERNEL", os.path.join(ROOT, "build/vmlinux"))
-INITRD = os.environ.get("COCOON_INITRD", os.path.join(ROOT, "build/initramfs.cpio"))
-VMM = os.environ.get("COCOON_VMM", os.path.join(ROOT, "target/release/cocoon-vmm"))
+from selftest_vm import KERNEL, INITRD, VMM, require_artifacts, summary
+
 MEMORY_MIB = 128
 
 
@@ -49,7 +47,6 @@ def cocoon_run(tmp):
 
 def qemu_cmdline():
     """The command line cocoon-vmm gives the guest, minus the devices qemu does not have."""
-    sys.path.insert(0, ROOT)
     base = ("reboot=k panic=-1 pci=off nomodules tsc=reliable no_timer_check lpj=1000000 "
             "cryptomgr.notests random.trust_cpu=on quiet 8250.nr_uarts=0")
     if os.path.exists("/sys/module/kvm_pvm"):
@@ -72,18 +69,11 @@ def qemu_run():
     return {"exit_s": (end - start) / 1e9}
 
 
-def summary(values, fmt):
-    return (f"median {fmt.format(statistics.median(values))}  "
-            f"min {fmt.format(min(values))}  max {fmt.format(max(values))}")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", "5")))
     args = parser.parse_args()
-    for path in (KERNEL, INITRD, VMM):
-        if not os.path.exists(path):
-            sys.exit(f"{path} is missing: run `make bench`")
+    require_artifacts()
 
     cocoon, qemu = [], []
     with tempfile.TemporaryDirectory() as tmp:

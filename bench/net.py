@@ -9,35 +9,14 @@ Usage: bench/net.py [--runs N] [--mib M]   (needs root: ip netns, TAP)
 import argparse
 import os
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL = os.environ.get("COCOON_KERNEL", os.path.join(ROOT, "build/vmlinux"))
-INITRD = os.environ.get("COCOON_INITRD", os.path.join(ROOT, "build/initramfs.cpio"))
-VMM = os.environ.get("COCOON_VMM", os.path.join(ROOT, "target/release/cocoon-vmm"))
+from selftest_vm import SelftestVm, command, summary
+
 HOST_IP, GUEST_IP = "10.214.0.1", "10.214.0.2"
-
-
-def command(uds, line, then=None):
-    """Sends one self-test command; `then(stream)` runs after the first reply line if given."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(uds)
-    s.sendall(b"CONNECT 1025\n")
-    f = s.makefile("rb")
-    if not f.readline().startswith(b"OK "):
-        s.close()
-        return None
-    s.sendall(line.encode() + b"\n")
-    reply = f.readline().decode().strip()
-    if then is not None:
-        then()
-        reply = f.readline().decode().strip()
-    s.close()
-    return reply
 
 
 def to_guest(uds, size):
@@ -85,7 +64,6 @@ def from_guest(uds, size):
         c.sendall(b"done\n")
         c.close()
 
-    import threading
     t = threading.Thread(target=serve)
     t.start()
     reply = command(uds, f"TCPSEND {HOST_IP} {port} {size} 1")
@@ -96,41 +74,17 @@ def from_guest(uds, size):
     return size / result["s"] / (1 << 20)
 
 
-def summary(values):
-    return (f"median {statistics.median(values):.2f}  min {min(values):.2f}  "
-            f"max {max(values):.2f}")
-
-
 def inner(args):
     size = args.mib << 20
-    with tempfile.TemporaryDirectory() as tmp:
-        uds = os.path.join(tmp, "v.sock")
-        vmm = subprocess.Popen([VMM, "--kernel", KERNEL, "--initrd", INITRD, "--console", "off",
-                                "--vsock", f"3,{uds}", "--net", "tap0",
-                                "--cmdline", "cocoon.selftest=1"])
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if command(uds, f"NETUP {GUEST_IP}/24") == "up":
-                        break
-                except OSError:
-                    pass
-                if vmm.poll() is not None or time.monotonic() > deadline:
-                    sys.exit("the guest's self-test service never came up")
-                time.sleep(0.3)
-            up, down = [], []
-            for i in range(args.runs):
-                up.append(to_guest(uds, size))
-                down.append(from_guest(uds, size))
-                print(f"run {i + 1}/{args.runs}: host->guest {up[-1]:.2f} MiB/s, "
-                      f"guest->host {down[-1]:.2f} MiB/s", file=sys.stderr)
-            command(uds, "POWEROFF")
-            vmm.wait(timeout=60)
-        finally:
-            if vmm.poll() is None:
-                vmm.kill()
-                vmm.wait()
+    up, down = [], []
+    with SelftestVm(["--net", "tap0"]) as vm:
+        if command(vm.uds, f"NETUP {GUEST_IP}/24") != "up":
+            sys.exit("cannot configure the guest NIC")
+        for i in range(args.runs):
+            up.append(to_guest(vm.uds, size))
+            down.append(from_guest(vm.uds, size))
+            print(f"run {i + 1}/{args.runs}: host->guest {up[-1]:.2f} MiB/s, "
+                  f"guest->host {down[-1]:.2f} MiB/s", file=sys.stderr)
     print(f"virtio-net TCP benchmark: {args.runs} runs of {args.mib} MiB each way, MTU 1500, no offloads")
     print(f"TCP host -> guest (MiB/s)  {summary(up)}")
     print(f"TCP guest -> host (MiB/s)  {summary(down)}")

@@ -9,35 +9,15 @@ Usage: bench/vsock.py [--runs N] [--mib M]
 import argparse
 import os
 import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL = os.environ.get("COCOON_KERNEL", os.path.join(ROOT, "build/vmlinux"))
-INITRD = os.environ.get("COCOON_INITRD", os.path.join(ROOT, "build/initramfs.cpio"))
-VMM = os.environ.get("COCOON_VMM", os.path.join(ROOT, "target/release/cocoon-vmm"))
-PORT = 1025
+from selftest_vm import SELFTEST_PORT, SelftestVm, connect, summary
 
 
-def connect(uds, port):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(uds)
-    s.sendall(f"CONNECT {port}\n".encode())
-    reply = b""
-    while not reply.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            s.close()
-            return None
-        reply += chunk
-    return s if reply.startswith(b"OK ") else None
-
-
-def command(uds, line):
-    s = connect(uds, PORT)
+def open_command(uds, line):
+    """A self-test command whose stream stays open for the transfer."""
+    s = connect(uds, SELFTEST_PORT)
     if s is None:
         sys.exit("self-test service went away")
     s.sendall(line.encode() + b"\n")
@@ -45,7 +25,7 @@ def command(uds, line):
 
 
 def sink(uds, size):
-    s = command(uds, "SINK")
+    s = open_command(uds, "SINK")
     block = os.urandom(64 * 1024)
     start = time.monotonic()
     sent = 0
@@ -62,7 +42,7 @@ def sink(uds, size):
 
 
 def source(uds, size):
-    s = command(uds, f"SOURCE {size} 1")
+    s = open_command(uds, f"SOURCE {size} 1")
     start = time.monotonic()
     got = 0
     while True:
@@ -77,46 +57,19 @@ def source(uds, size):
     return size / elapsed / (1 << 20)
 
 
-def summary(values):
-    return (f"median {statistics.median(values):.2f}  min {min(values):.2f}  "
-            f"max {max(values):.2f}")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mib", type=int, default=8)
     args = parser.parse_args()
     size = args.mib << 20
-    with tempfile.TemporaryDirectory() as tmp:
-        uds = os.path.join(tmp, "v.sock")
-        vmm = subprocess.Popen([VMM, "--kernel", KERNEL, "--initrd", INITRD, "--console", "off",
-                                "--vsock", f"3,{uds}", "--cmdline", "cocoon.selftest=1"])
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    s = connect(uds, PORT)
-                    if s:
-                        s.close()
-                        break
-                except OSError:
-                    pass
-                if vmm.poll() is not None or time.monotonic() > deadline:
-                    sys.exit("the guest's self-test service never came up")
-                time.sleep(0.3)
-            to_guest, from_guest = [], []
-            for i in range(args.runs):
-                to_guest.append(sink(uds, size))
-                from_guest.append(source(uds, size))
-                print(f"run {i + 1}/{args.runs}: host->guest {to_guest[-1]:.2f} MiB/s, "
-                      f"guest->host {from_guest[-1]:.2f} MiB/s", file=sys.stderr)
-            command(uds, "POWEROFF").close()
-            vmm.wait(timeout=60)
-        finally:
-            if vmm.poll() is None:
-                vmm.kill()
-                vmm.wait()
+    to_guest, from_guest = [], []
+    with SelftestVm() as vm:
+        for i in range(args.runs):
+            to_guest.append(sink(vm.uds, size))
+            from_guest.append(source(vm.uds, size))
+            print(f"run {i + 1}/{args.runs}: host->guest {to_guest[-1]:.2f} MiB/s, "
+                  f"guest->host {from_guest[-1]:.2f} MiB/s", file=sys.stderr)
     print(f"vsock benchmark: {args.runs} runs of {args.mib} MiB each way, 1 vCPU")
     print(f"vsock host -> guest (MiB/s)  {summary(to_guest)}")
     print(f"vsock guest -> host (MiB/s)  {summary(from_guest)}")

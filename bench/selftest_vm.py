@@ -1,0 +1,95 @@
+"""What the benchmarks share: the built artifacts, a VM running the agent's device self-test
+service (cocoon.selftest=1, vsock port 1025) and the figures' summary line."""
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL = os.environ.get("COCOON_KERNEL", os.path.join(ROOT, "build/vmlinux"))
+INITRD = os.environ.get("COCOON_INITRD", os.path.join(ROOT, "build/initramfs.cpio"))
+VMM = os.environ.get("COCOON_VMM", os.path.join(ROOT, "target/release/cocoon-vmm"))
+SELFTEST_PORT = 1025
+
+
+def require_artifacts():
+    for path in (KERNEL, INITRD, VMM):
+        if not os.path.exists(path):
+            sys.exit(f"{path} is missing: run `make bench`")
+
+
+def summary(values, fmt="{:.2f}"):
+    return (f"median {fmt.format(statistics.median(values))}  "
+            f"min {fmt.format(min(values))}  max {fmt.format(max(values))}")
+
+
+def connect(uds, port):
+    """A stream to guest `port` through the VMM's vsock socket, or None if nobody listens."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(uds)
+    s.sendall(f"CONNECT {port}\n".encode())
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            s.close()
+            return None
+        reply += chunk
+    return s if reply.startswith(b"OK ") else None
+
+
+def command(uds, line, then=None):
+    """Sends one self-test command and returns its reply line; with `then`, calls it after the
+    first reply and returns the second."""
+    s = connect(uds, SELFTEST_PORT)
+    if s is None:
+        return None
+    s.sendall(line.encode() + b"\n")
+    f = s.makefile("rb")
+    reply = f.readline().decode().strip()
+    if then is not None:
+        then()
+        reply = f.readline().decode().strip()
+    s.close()
+    return reply
+
+
+class SelftestVm:
+    """A VM with the self-test service, from boot until power-off (killed if anything fails)."""
+
+    def __init__(self, extra_args=()):
+        self.extra_args = list(extra_args)
+
+    def __enter__(self):
+        require_artifacts()
+        self.tmp = tempfile.TemporaryDirectory()
+        self.uds = os.path.join(self.tmp.name, "v.sock")
+        self.vmm = subprocess.Popen([VMM, "--kernel", KERNEL, "--initrd", INITRD, "--console", "off",
+                                     "--vsock", f"3,{self.uds}", "--cmdline", "cocoon.selftest=1",
+                                     *self.extra_args])
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                s = connect(self.uds, SELFTEST_PORT)
+                if s:
+                    s.close()
+                    return self
+            except OSError:
+                pass
+            if self.vmm.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                sys.exit("the guest's self-test service never came up")
+            time.sleep(0.3)
+
+    def __exit__(self, *_):
+        if self.vmm.poll() is None:
+            try:
+                command(self.uds, "POWEROFF")
+                self.vmm.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.vmm.kill()
+                self.vmm.wait()
+        self.tmp.cleanup()
