@@ -43,7 +43,7 @@ vmm:
 	cargo build --release -p cocoon-vmm
 
 demo: kernel initramfs vmm
-	@echo "booting a microVM (about 30 s on a PVM host, where guest kernel code is emulated)..."
+	@echo "booting a microVM (about 13 s on a PVM host, where guest kernel code is emulated)..."
 	$(VMM_BIN) --kernel $(COCOON_KERNEL) --initrd $(COCOON_INITRD) --console stdout
 
 lint:
