@@ -11,7 +11,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/cocoon-agent
 VMM_BIN := target/release/cocoon-vmm
 APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev cpio file \
-	qemu-system-x86 busybox-static erofs-utils e2fsprogs python3
+	qemu-system-x86 busybox-static erofs-utils e2fsprogs python3 iproute2 util-linux
 
 export COCOON_KERNEL := $(BUILD)/vmlinux
 export COCOON_INITRD := $(BUILD)/initramfs.cpio
