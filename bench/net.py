@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from selftest_vm import SelftestVm, command, summary
+from selftest_vm import SelftestVm, both_ways, command
 
 HOST_IP, GUEST_IP = "10.214.0.1", "10.214.0.2"
 
@@ -76,18 +76,12 @@ def from_guest(uds, size):
 
 def inner(args):
     size = args.mib << 20
-    up, down = [], []
     with SelftestVm(["--net", "tap0"]) as vm:
         if command(vm.uds, f"NETUP {GUEST_IP}/24") != "up":
             sys.exit("cannot configure the guest NIC")
-        for i in range(args.runs):
-            up.append(to_guest(vm.uds, size))
-            down.append(from_guest(vm.uds, size))
-            print(f"run {i + 1}/{args.runs}: host->guest {up[-1]:.2f} MiB/s, "
-                  f"guest->host {down[-1]:.2f} MiB/s", file=sys.stderr)
-    print(f"virtio-net TCP benchmark: {args.runs} runs of {args.mib} MiB each way, MTU 1500, no offloads")
-    print(f"TCP host -> guest (MiB/s)  {summary(up)}")
-    print(f"TCP guest -> host (MiB/s)  {summary(down)}")
+        both_ways(args.runs, lambda: to_guest(vm.uds, size), lambda: from_guest(vm.uds, size),
+                  f"virtio-net TCP benchmark: {args.runs} runs of {args.mib} MiB each way, "
+                  "MTU 1500, no offloads", "TCP")
 
 
 def main():

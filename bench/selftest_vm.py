@@ -26,6 +26,20 @@ def summary(values, fmt="{:.2f}"):
             f"min {fmt.format(min(values))}  max {fmt.format(max(values))}")
 
 
+def both_ways(runs, to_guest, from_guest, title, label):
+    """Runs `to_guest()` and `from_guest()` (each returning MiB/s) `runs` times and prints the
+    figures under `title`, each line starting with `label`."""
+    up, down = [], []
+    for i in range(runs):
+        up.append(to_guest())
+        down.append(from_guest())
+        print(f"run {i + 1}/{runs}: host->guest {up[-1]:.2f} MiB/s, "
+              f"guest->host {down[-1]:.2f} MiB/s", file=sys.stderr)
+    print(title)
+    print(f"{label} host -> guest (MiB/s)  {summary(up)}")
+    print(f"{label} guest -> host (MiB/s)  {summary(down)}")
+
+
 def connect(uds, port):
     """A stream to guest `port` through the VMM's vsock socket, or None if nobody listens."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

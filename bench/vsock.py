@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 
-from selftest_vm import SELFTEST_PORT, SelftestVm, connect, summary
+from selftest_vm import SELFTEST_PORT, SelftestVm, both_ways, connect
 
 
 def open_command(uds, line):
@@ -63,16 +63,9 @@ def main():
     parser.add_argument("--mib", type=int, default=8)
     args = parser.parse_args()
     size = args.mib << 20
-    to_guest, from_guest = [], []
     with SelftestVm() as vm:
-        for i in range(args.runs):
-            to_guest.append(sink(vm.uds, size))
-            from_guest.append(source(vm.uds, size))
-            print(f"run {i + 1}/{args.runs}: host->guest {to_guest[-1]:.2f} MiB/s, "
-                  f"guest->host {from_guest[-1]:.2f} MiB/s", file=sys.stderr)
-    print(f"vsock benchmark: {args.runs} runs of {args.mib} MiB each way, 1 vCPU")
-    print(f"vsock host -> guest (MiB/s)  {summary(to_guest)}")
-    print(f"vsock guest -> host (MiB/s)  {summary(from_guest)}")
+        both_ways(args.runs, lambda: sink(vm.uds, size), lambda: source(vm.uds, size),
+                  f"vsock benchmark: {args.runs} runs of {args.mib} MiB each way, 1 vCPU", "vsock")
 
 
 if __name__ == "__main__":

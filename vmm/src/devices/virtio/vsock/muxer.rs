@@ -464,6 +464,11 @@ impl Muxer {
         if let Some(h) = self.control.pop_front() {
             return Some((h, Vec::new()));
         }
+        // A buffer with no room for payload (a guest's odd RX chain) must not make a connection
+        // look drained: it keeps its place until a real buffer comes.
+        if room == 0 {
+            return None;
+        }
         while let Some(key) = self.readable.pop_front() {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
@@ -586,6 +591,7 @@ mod tests {
         // Client data goes to the guest within its credit.
         client.write_all(b"xyz").unwrap();
         settle(&mut m);
+        assert!(m.next_rx(0).is_none(), "a buffer without room gets nothing");
         let (h, data) = m.next_rx(4096).unwrap();
         assert_eq!((h.op, data.as_slice()), (OP_RW, &b"xyz"[..]));
         // The client hangs up: the guest hears SHUTDOWN.
