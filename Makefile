@@ -10,16 +10,17 @@ BUILD := $(CURDIR)/build
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/cocoon-agent
 VMM_BIN := target/release/cocoon-vmm
-APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev cpio file \
+APT_PACKAGES := linux-source-6.1 linux-libc-dev build-essential flex bison bc libelf-dev cpio file \
 	qemu-system-x86 busybox-static erofs-utils e2fsprogs python3 iproute2 util-linux
 
 export COCOON_KERNEL := $(BUILD)/vmlinux
 export COCOON_INITRD := $(BUILD)/initramfs.cpio
 export COCOON_VMM := $(CURDIR)/$(VMM_BIN)
+export COCOON_ROOTFS := $(BUILD)/busybox.erofs
 
-.PHONY: all deps kernel agent initramfs vmm demo test bench lint clean
+.PHONY: all deps kernel agent initramfs rootfs vmm demo test bench lint clean
 
-all: kernel initramfs vmm
+all: kernel initramfs rootfs vmm
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -39,21 +40,25 @@ initramfs: deps agent
 	@mkdir -p $(BUILD)
 	@guest-kernel/build-initramfs.sh $(AGENT_BIN) $(BUILD)/initramfs.cpio >/dev/null && echo "initramfs: $(BUILD)/initramfs.cpio"
 
+# The test root filesystem: Debian's busybox-static as an EROFS image.
+rootfs: deps
+	@images/build-busybox-rootfs.sh $(BUILD)/busybox-rootfs $(COCOON_ROOTFS) && echo "rootfs: $(COCOON_ROOTFS)"
+
 vmm:
 	cargo build --release -p cocoon-vmm
 
 demo: kernel initramfs vmm
 	@echo "booting a microVM (about 13 s on a PVM host, where guest kernel code is emulated)..."
-	$(VMM_BIN) --kernel $(COCOON_KERNEL) --initrd $(COCOON_INITRD) --console stdout
+	$(VMM_BIN) --kernel $(COCOON_KERNEL) --initrd $(COCOON_INITRD) --console stdout --cmdline cocoon.check=1
 
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test: kernel initramfs vmm lint
+test: kernel initramfs rootfs vmm lint
 	cargo test --workspace -- --nocapture
 
-bench: kernel initramfs vmm
+bench: kernel initramfs rootfs vmm
 	python3 bench/boot.py
 	python3 bench/vsock.py
 	python3 bench/net.py

@@ -29,7 +29,7 @@ def cocoon_run(tmp):
     start = time.time_ns()
     proc = subprocess.run(
         [VMM, "--kernel", KERNEL, "--initrd", INITRD, "--console", "off",
-         "--memory", str(MEMORY_MIB), "--metrics", metrics],
+         "--memory", str(MEMORY_MIB), "--metrics", metrics, "--cmdline", "cocoon.check=1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     end = time.time_ns()
     if proc.returncode != 0:
@@ -48,7 +48,7 @@ def cocoon_run(tmp):
 def qemu_cmdline():
     """The command line cocoon-vmm gives the guest, minus the devices qemu does not have."""
     base = ("reboot=k panic=-1 pci=off nomodules tsc=reliable no_timer_check lpj=1000000 "
-            "cryptomgr.notests random.trust_cpu=on quiet 8250.nr_uarts=0")
+            "cryptomgr.notests random.trust_cpu=on quiet 8250.nr_uarts=0 cocoon.check=1")
     if os.path.exists("/sys/module/kvm_pvm"):
         base += " noxsave clearcpuid=smap,smep,popcnt,fsgsbase,cx16"
     return base

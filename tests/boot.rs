@@ -44,7 +44,7 @@ fn guest_boots_reads_and_writes_disks_and_powers_off() {
         "256",
         "--rng",
         "--cmdline",
-        &format!("cocoon.write=vdb:{WRITTEN}"),
+        &format!("cocoon.check=1 cocoon.write=vdb:{WRITTEN}"),
     ]);
     let console = std::fs::read_to_string(&console).unwrap_or_default();
     let stderr = String::from_utf8_lossy(&out.stderr);

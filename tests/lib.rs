@@ -210,3 +210,41 @@ pub fn vmm_or_skip(test: &str) -> Option<PathBuf> {
     eprintln!("SKIPPED {test}: {problem}");
     None
 }
+
+/// The test root filesystem image (`make rootfs`), or `None` after saying why the test skips.
+pub fn rootfs_or_skip(test: &str) -> Option<PathBuf> {
+    let image = from_env("COCOON_ROOTFS", "build/busybox.erofs");
+    if image.exists() {
+        return Some(image);
+    }
+    let problem = format!(
+        "{} is missing (run `make test`, which builds it)",
+        image.display()
+    );
+    if in_ci() {
+        panic!("{test}: {problem}, and CI=true requires this test to run");
+    }
+    eprintln!("SKIPPED {test}: {problem}");
+    None
+}
+
+/// A VMM process, killed and reaped when dropped.
+pub struct RunningVm {
+    pub child: std::process::Child,
+}
+
+impl RunningVm {
+    /// Fails the test if the VMM has already exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("the VMM exited early: {status}");
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

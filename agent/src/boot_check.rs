@@ -12,8 +12,10 @@ pub struct Options {
     pub write: Option<(String, usize)>,
     /// `cocoon.panic=1`
     pub panic: bool,
-    /// `cocoon.selftest=1`: serve the device self-test over vsock instead of powering off.
+    /// `cocoon.selftest=1`: serve the device self-test over vsock instead of the agent protocol.
     pub selftest: bool,
+    /// `cocoon.check=1`: run the boot self-check and power off.
+    pub check: bool,
 }
 
 impl Options {
@@ -32,6 +34,8 @@ impl Options {
                 options.panic = true;
             } else if word == "cocoon.selftest=1" {
                 options.selftest = true;
+            } else if word == "cocoon.check=1" {
+                options.check = true;
             }
         }
         options
@@ -109,6 +113,7 @@ mod tests {
                 write: Some(("vdb".into(), 4096)),
                 panic: true,
                 selftest: false,
+                check: false,
             }
         );
         assert!(Options::from_cmdline("cocoon.selftest=1").selftest);

@@ -1,15 +1,22 @@
 //! cocoon-agent: PID 1 of every cocoon guest.
 //!
-//! Today it brings the guest up (mounts), tells the VMM it is running (boot marker), runs the
-//! boot self-check on the disks it was given, and powers the VM off. The container lifecycle
-//! over vsock builds on this.
+//! It brings the guest up (mounts, the reaper), tells the VMM it is running (boot marker), and
+//! then serves the agent protocol on vsock (docs/protocol.md): containers created, started,
+//! exec'd into, signalled, waited for and removed on the host's request. Kernel command-line
+//! switches select the other modes: `cocoon.check=1` (boot self-check, then power off),
+//! `cocoon.selftest=1` (device self-test service), `cocoon.panic=1` (crash on purpose).
 
 mod boot_check;
 mod console;
+mod container;
+mod guest;
 mod mounts;
 mod netif;
 mod power;
+mod reaper;
 mod selftest;
+mod server;
+mod stdio;
 mod vsock;
 
 fn main() {
@@ -17,7 +24,10 @@ fn main() {
         eprintln!("cocoon-agent: must run as PID 1 (the guest's /init)");
         std::process::exit(2);
     }
-    if let Err(e) = mounts::mount_pseudo_filesystems() {
+    // Before any thread exists, so that all of them inherit the mask (see reaper.rs).
+    reaper::block_sigchld();
+    reaper::reaper();
+    if let Err(e) = mounts::leave_initramfs().and_then(|()| mounts::mount_pseudo_filesystems()) {
         console::line(&format!("cocoon-agent: {e}"));
     }
     console::reopen();
@@ -31,26 +41,38 @@ fn main() {
 
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let options = boot_check::Options::from_cmdline(&cmdline);
-    for line in boot_check::run(&options) {
-        console::line(&line);
-    }
-    if options.selftest {
-        selftest::serve();
-    }
     if options.panic {
         // PID 1 exiting panics the kernel: how tests make a guest crash on purpose.
         console::line("cocoon-agent: exiting to panic the kernel, as asked");
         std::process::exit(1);
     }
-    power::power_off();
+    if options.check || options.selftest {
+        for line in boot_check::run(&options) {
+            console::line(&line);
+        }
+    }
+    if options.selftest {
+        selftest::serve();
+    }
+    if options.check {
+        power::power_off();
+    }
+    if let Err(e) = container::cgroup::enable_controllers(&container::syscall::LinuxSyscall) {
+        console::line(&format!("cocoon-agent: {e}"));
+    }
+    std::thread::Builder::new()
+        .name("stdio".into())
+        .spawn(stdio::serve)
+        .expect("the agent cannot run without its stdio service");
+    server::serve();
 }
 
-fn online_cpus() -> usize {
+pub fn online_cpus() -> usize {
     std::thread::available_parallelism().map_or(0, |n| n.get())
 }
 
 /// MemTotal: what the kernel manages, a little less than the VM's RAM.
-fn memory_mib() -> u64 {
+pub fn memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -60,7 +82,7 @@ fn memory_mib() -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
-fn kernel_release() -> String {
+pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into())

@@ -82,3 +82,23 @@ pub fn shutdown_write(stream: &File) {
     // SAFETY: shutdown(2) on a socket we own; failure only means it is already closed.
     unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
 }
+
+/// Sets (or with `None` clears) SO_RCVTIMEO on a stream.
+pub fn set_read_timeout(stream: &File, timeout: Option<std::time::Duration>) {
+    use std::os::fd::AsRawFd;
+    let timeout = timeout.unwrap_or_default();
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: tv is a valid timeval of the given size, alive for the call.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+}

@@ -1,4 +1,8 @@
-//! What the host side of cocoon and the guest agent agree on.
+//! What the host side of cocoon and the guest agent agree on: the boot self-check, the guest
+//! status page, and the agent protocol (framing, messages, and the host's client).
 
 pub mod boot_check;
+pub mod client;
+pub mod frame;
 pub mod guest_status;
+pub mod message;

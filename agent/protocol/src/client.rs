@@ -1,0 +1,279 @@
+//! The host side of the agent protocol: a blocking client over the VMM's hybrid vsock socket
+//! (`CONNECT <port>\n`, answered by `OK <host port>\n`; see docs/vsock.md).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::frame::{FrameError, read_frame, write_frame};
+use crate::message::{
+    AgentError, AgentInfo, CONTROL_PORT, ContainerState, ContainerStats, CreateContainer,
+    ExecProcess, ExitStatus, GuestSetup, PROTOCOL_VERSION, Reply, ReplyEnvelope, Request,
+    RequestEnvelope, STDIO_PORT, StdioAttach, StdioStream,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent through {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the VMM refused the connection to guest port {0} (is the agent listening?)")]
+    Refused(u32),
+    #[error("agent connection: {0}")]
+    Frame(#[from] FrameError),
+    #[error("agent: {0}")]
+    Agent(#[from] AgentError),
+    #[error("the agent answered request {sent} with reply {got}")]
+    WrongId { sent: u64, got: u64 },
+    #[error("the agent answered {request} with an unexpected {reply}")]
+    UnexpectedReply {
+        request: &'static str,
+        reply: &'static str,
+    },
+}
+
+/// Opens a stream to guest `port` through the VMM's vsock socket at `uds`.
+pub fn connect_guest_port(uds: &Path, port: u32) -> Result<UnixStream, ClientError> {
+    let connect_error = |source| ClientError::Connect {
+        path: uds.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(uds).map_err(connect_error)?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(connect_error)?;
+    // Byte by byte: whatever follows the newline belongs to the caller.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => return Err(ClientError::Refused(port)),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if line.len() < 64 => line.push(byte[0]),
+            Ok(_) => return Err(ClientError::Refused(port)),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(connect_error(e)),
+        }
+    }
+    if line.starts_with(b"OK ") {
+        Ok(stream)
+    } else {
+        Err(ClientError::Refused(port))
+    }
+}
+
+/// Opens one stdio stream of a process. Returns once the agent has registered it, so a
+/// following create or exec finds it.
+pub fn attach_stdio(
+    uds: &Path,
+    container_id: &str,
+    exec_id: Option<&str>,
+    stream: StdioStream,
+) -> Result<UnixStream, ClientError> {
+    let mut conn = connect_guest_port(uds, STDIO_PORT)?;
+    write_frame(
+        &mut conn,
+        &StdioAttach {
+            version: PROTOCOL_VERSION,
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.map(str::to_owned),
+            stream,
+        },
+    )?;
+    let ack: Result<(), AgentError> = read_frame(&mut conn)?;
+    ack?;
+    Ok(conn)
+}
+
+/// One control connection to the agent.
+pub struct AgentClient {
+    stream: UnixStream,
+    next_id: u64,
+}
+
+macro_rules! expect_reply {
+    ($reply:expr, $request:literal, $pattern:pat => $value:expr) => {
+        match $reply {
+            $pattern => Ok($value),
+            other => Err(ClientError::UnexpectedReply {
+                request: $request,
+                reply: other.name(),
+            }),
+        }
+    };
+}
+
+impl Reply {
+    fn name(&self) -> &'static str {
+        match self {
+            Reply::Hello(_) => "hello",
+            Reply::Done => "done",
+            Reply::Pid(_) => "pid",
+            Reply::Exited(_) => "exited",
+            Reply::State(_) => "state",
+            Reply::Stats(_) => "stats",
+            Reply::Processes(_) => "processes",
+        }
+    }
+}
+
+impl AgentClient {
+    pub fn connect(uds: &Path) -> Result<AgentClient, ClientError> {
+        Ok(AgentClient {
+            stream: connect_guest_port(uds, CONTROL_PORT)?,
+            next_id: 1,
+        })
+    }
+
+    /// Waits up to `timeout` for the agent to accept connections (the VMM's socket appears
+    /// before the guest has booted).
+    pub fn connect_when_ready(uds: &Path, timeout: Duration) -> Result<AgentClient, ClientError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match AgentClient::connect(uds) {
+                Ok(mut client) => {
+                    client.hello()?;
+                    return Ok(client);
+                }
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Sends one request and returns its reply.
+    pub fn call(&mut self, request: Request) -> Result<Reply, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_frame(
+            &mut self.stream,
+            &RequestEnvelope {
+                version: PROTOCOL_VERSION,
+                id,
+                request,
+            },
+        )?;
+        let reply: ReplyEnvelope = read_frame(&mut self.stream)?;
+        if reply.id != id {
+            return Err(ClientError::WrongId {
+                sent: id,
+                got: reply.id,
+            });
+        }
+        Ok(reply.result?)
+    }
+
+    fn done(&mut self, request: Request) -> Result<(), ClientError> {
+        let reply = self.call(request)?;
+        expect_reply!(reply, "request", Reply::Done => ())
+    }
+
+    pub fn hello(&mut self) -> Result<AgentInfo, ClientError> {
+        let reply = self.call(Request::Hello)?;
+        expect_reply!(reply, "hello", Reply::Hello(info) => info)
+    }
+
+    pub fn setup_guest(&mut self, setup: GuestSetup) -> Result<(), ClientError> {
+        self.done(Request::SetupGuest(setup))
+    }
+
+    /// Returns the guest pid of the container's (not yet exec'd) init process.
+    pub fn create_container(&mut self, create: CreateContainer) -> Result<i32, ClientError> {
+        let reply = self.call(Request::CreateContainer(create))?;
+        expect_reply!(reply, "create_container", Reply::Pid(pid) => pid)
+    }
+
+    pub fn start_container(&mut self, container_id: &str) -> Result<i32, ClientError> {
+        let reply = self.call(Request::StartContainer {
+            container_id: container_id.to_owned(),
+        })?;
+        expect_reply!(reply, "start_container", Reply::Pid(pid) => pid)
+    }
+
+    pub fn exec_process(&mut self, exec: ExecProcess) -> Result<i32, ClientError> {
+        let reply = self.call(Request::ExecProcess(exec))?;
+        expect_reply!(reply, "exec_process", Reply::Pid(pid) => pid)
+    }
+
+    pub fn signal(
+        &mut self,
+        container_id: &str,
+        exec_id: Option<&str>,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), ClientError> {
+        self.done(Request::Signal {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.map(str::to_owned),
+            signal,
+            all,
+        })
+    }
+
+    /// Blocks until the process exits. Use a connection of its own for this.
+    pub fn wait(
+        &mut self,
+        container_id: &str,
+        exec_id: Option<&str>,
+    ) -> Result<ExitStatus, ClientError> {
+        let reply = self.call(Request::Wait {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.map(str::to_owned),
+        })?;
+        expect_reply!(reply, "wait", Reply::Exited(status) => status)
+    }
+
+    pub fn resize_terminal(
+        &mut self,
+        container_id: &str,
+        exec_id: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), ClientError> {
+        self.done(Request::ResizeTerminal {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.map(str::to_owned),
+            rows,
+            cols,
+        })
+    }
+
+    pub fn state(&mut self, container_id: &str) -> Result<ContainerState, ClientError> {
+        let reply = self.call(Request::State {
+            container_id: container_id.to_owned(),
+        })?;
+        expect_reply!(reply, "state", Reply::State(state) => state)
+    }
+
+    pub fn stats(&mut self, container_id: &str) -> Result<ContainerStats, ClientError> {
+        let reply = self.call(Request::Stats {
+            container_id: container_id.to_owned(),
+        })?;
+        expect_reply!(reply, "stats", Reply::Stats(stats) => stats)
+    }
+
+    pub fn list_processes(&mut self, container_id: &str) -> Result<Vec<i32>, ClientError> {
+        let reply = self.call(Request::ListProcesses {
+            container_id: container_id.to_owned(),
+        })?;
+        expect_reply!(reply, "list_processes", Reply::Processes(pids) => pids)
+    }
+
+    pub fn remove_container(&mut self, container_id: &str) -> Result<(), ClientError> {
+        self.done(Request::RemoveContainer {
+            container_id: container_id.to_owned(),
+        })
+    }
+
+    pub fn power_off(&mut self) -> Result<(), ClientError> {
+        self.done(Request::PowerOff)
+    }
+
+    /// The raw stream, for tests that send malformed frames.
+    pub fn stream(&mut self) -> &mut UnixStream {
+        &mut self.stream
+    }
+}

@@ -1,0 +1,305 @@
+//! The agent protocol's requests and replies (see docs/protocol.md).
+//!
+//! One request at a time per control connection: the host writes a [`RequestEnvelope`], the
+//! agent answers with a [`ReplyEnvelope`] carrying the same id. Requests that block (waiting for
+//! an exit) are sent on a connection of their own.
+
+use oci_spec::runtime::{Process, Spec};
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any change the other side could misread. The agent refuses other versions with
+/// [`ErrorKind::Version`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The vsock port of the agent's control service.
+pub const CONTROL_PORT: u32 = 1024;
+
+/// The vsock port where the host attaches process stdio streams.
+pub const STDIO_PORT: u32 = 1026;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestEnvelope {
+    pub version: u32,
+    pub id: u64,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplyEnvelope {
+    pub id: u64,
+    pub result: Result<Reply, AgentError>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "method", content = "params", rename_all = "snake_case")]
+pub enum Request {
+    /// Which agent and guest this is. Also the cheapest liveness probe.
+    Hello,
+    /// The guest's identity from the host: hostname, wall clock, fresh entropy.
+    SetupGuest(GuestSetup),
+    /// Prepares a container and its init process, stopped before exec (runc's `create`).
+    CreateContainer(CreateContainer),
+    /// Lets the init process created by `CreateContainer` exec (runc's `start`).
+    StartContainer { container_id: String },
+    /// Starts a further process inside a running container's namespaces and cgroup.
+    ExecProcess(ExecProcess),
+    /// Sends `signal` to a process, or with `all` to every process of the container.
+    Signal {
+        container_id: String,
+        exec_id: Option<String>,
+        signal: i32,
+        all: bool,
+    },
+    /// Blocks until the process has exited; replies [`Reply::Exited`].
+    Wait {
+        container_id: String,
+        exec_id: Option<String>,
+    },
+    /// Sets a process's terminal size.
+    ResizeTerminal {
+        container_id: String,
+        exec_id: Option<String>,
+        rows: u16,
+        cols: u16,
+    },
+    /// Status and pid of the init process.
+    State { container_id: String },
+    /// cgroup figures of a container.
+    Stats { container_id: String },
+    /// Guest pids of a container's processes.
+    ListProcesses { container_id: String },
+    /// Kills whatever is left of a container and removes its mounts, cgroup and state.
+    RemoveContainer { container_id: String },
+    /// Powers the VM off after replying.
+    PowerOff,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum Reply {
+    Hello(AgentInfo),
+    Done,
+    /// The guest pid of the process that was created or started.
+    Pid(i32),
+    Exited(ExitStatus),
+    State(ContainerState),
+    Stats(ContainerStats),
+    Processes(Vec<i32>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub protocol_version: u32,
+    pub agent_version: String,
+    pub kernel_release: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GuestSetup {
+    pub hostname: Option<String>,
+    /// Wall-clock time in nanoseconds since the Unix epoch.
+    pub realtime_ns: Option<u64>,
+    /// Bytes mixed into (and credited to) the guest's entropy pool.
+    #[serde(default)]
+    pub entropy: Vec<u8>,
+}
+
+/// Which streams a process gets from the host. With `terminal`, one stream carries the pty in
+/// both directions; otherwise each requested stream is its own vsock connection, and a stream
+/// not requested is `/dev/null`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StdioConfig {
+    pub terminal: bool,
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateContainer {
+    pub container_id: String,
+    /// The bundle's `config.json`. `root.path` is ignored: the root filesystem is `layers`.
+    pub spec: Box<Spec>,
+    /// Read-only EROFS block devices of the root filesystem, lowest layer first, as guest
+    /// device paths (`/dev/vdb`) or `serial:ID` (the virtio-blk serial).
+    pub layers: Vec<String>,
+    pub stdio: StdioConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecProcess {
+    pub container_id: String,
+    pub exec_id: String,
+    pub process: Box<Process>,
+    pub stdio: StdioConfig,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// The exit code, when it exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, when it was killed.
+    pub signal: Option<i32>,
+    /// Whether the container's cgroup recorded an OOM kill while it ran.
+    pub oom_killed: bool,
+}
+
+impl ExitStatus {
+    /// The shell's convention: the exit code, or 128 + the signal number.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => 128 + signal,
+            (None, None) => 255,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerStatus {
+    Created,
+    Running,
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerState {
+    pub status: ContainerStatus,
+    pub pid: i32,
+    pub exit: Option<ExitStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStats {
+    pub memory_current: u64,
+    pub memory_max: Option<u64>,
+    pub oom_kills: u64,
+    pub cpu_usage_usec: u64,
+    pub pids_current: u64,
+    pub pids_max: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request could not be decoded, or was too large.
+    BadRequest,
+    /// The request's protocol version is not ours.
+    Version,
+    NotFound,
+    AlreadyExists,
+    /// The request is well-formed but asks for something invalid.
+    InvalidArgument,
+    /// The request is valid but not in the current state (e.g. start twice).
+    InvalidState,
+    Unsupported,
+    /// The guest could not do it (a mount or exec failed).
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl AgentError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> AgentError {
+        AgentError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The first frame on a stdio connection: which process and stream it is for. The agent
+/// answers with one frame, `Result<(), AgentError>`, and after an `Ok` the connection carries
+/// raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StdioAttach {
+    pub version: u32,
+    pub container_id: String,
+    pub exec_id: Option<String>,
+    pub stream: StdioStream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StdioStream {
+    Stdin,
+    Stdout,
+    Stderr,
+    /// The pty master, both directions.
+    Terminal,
+}
+
+/// Container and exec ids: what runc accepts, so they are safe as path components and cgroup
+/// names.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 1024
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'+'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_could_escape_a_directory_are_invalid() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "../x",
+            "a b",
+            "x\0",
+            &"a".repeat(1025),
+        ] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+        for good in ["abc", "a.b-c_d+1", "0123456789abcdef"] {
+            assert!(valid_id(good), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn shell_code_follows_128_plus_signal() {
+        let killed = ExitStatus {
+            code: None,
+            signal: Some(9),
+            oom_killed: false,
+        };
+        assert_eq!(killed.shell_code(), 137);
+        let exited = ExitStatus {
+            code: Some(3),
+            signal: None,
+            oom_killed: false,
+        };
+        assert_eq!(exited.shell_code(), 3);
+    }
+
+    #[test]
+    fn requests_are_tagged_by_method() {
+        let json = serde_json::to_value(RequestEnvelope {
+            version: PROTOCOL_VERSION,
+            id: 7,
+            request: Request::StartContainer {
+                container_id: "c1".into(),
+            },
+        })
+        .unwrap();
+        assert_eq!(json["request"]["method"], "start_container");
+        assert_eq!(json["request"]["params"]["container_id"], "c1");
+    }
+}

@@ -1,0 +1,668 @@
+//! Containers inside the guest: what runc does on a host, done by PID 1 of the VM.
+//!
+//! One file per part of a container's setup: [`rootfs`] (layers and overlay), [`cgroup`],
+//! [`mounts`] (inside the new mount namespace), [`process`] (user, capabilities, seccomp,
+//! exec), [`spawn`] (how the process comes to exist), all through the [`syscall::Syscall`] trait.
+
+pub mod capabilities;
+pub mod cgroup;
+pub mod mounts;
+pub mod process;
+pub mod rootfs;
+pub mod seccomp;
+pub mod spawn;
+pub mod syscall;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+
+use cocoon_agent_protocol::message::{
+    AgentError, ContainerState, ContainerStats, ContainerStatus, CreateContainer, ErrorKind,
+    ExecProcess, ExitStatus, valid_id,
+};
+
+use crate::reaper::{WaitStatus, reaper};
+use crate::stdio::{self, HostStdio};
+use cgroup::Cgroup;
+use rootfs::Rootfs;
+use spawn::{Gate, Namespaces, Spawned};
+use syscall::{LinuxSyscall, Syscall};
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> AgentError {
+    AgentError::new(kind, message)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One process the agent started (a container's init or an exec), and how it ended.
+pub struct ProcessRecord {
+    pub pid: i32,
+    exit: Mutex<Option<ExitStatus>>,
+    exited: Condvar,
+    stdio: Mutex<HostStdio>,
+}
+
+impl ProcessRecord {
+    fn new(pid: i32, stdio: HostStdio) -> Arc<ProcessRecord> {
+        Arc::new(ProcessRecord {
+            pid,
+            exit: Mutex::new(None),
+            exited: Condvar::new(),
+            stdio: Mutex::new(stdio),
+        })
+    }
+
+    /// Starts the thread that collects the exit. `oom_before` is the cgroup's OOM kill count
+    /// when the process started: more at exit means an OOM kill happened while it ran.
+    fn watch(self: &Arc<Self>, cgroup: PathBuf, oom_before: u64) {
+        let record = Arc::clone(self);
+        let _ = std::thread::Builder::new()
+            .name("exit-watch".into())
+            .spawn(move || {
+                let status = reaper().wait(record.pid);
+                let oom_killed = Cgroup { path: cgroup }.oom_kills() > oom_before;
+                let exit = match status {
+                    WaitStatus::Exited(code) => ExitStatus {
+                        code: Some(code),
+                        signal: None,
+                        oom_killed,
+                    },
+                    WaitStatus::Signaled(signal) => ExitStatus {
+                        code: None,
+                        signal: Some(signal),
+                        oom_killed,
+                    },
+                };
+                *lock(&record.exit) = Some(exit);
+                record.exited.notify_all();
+            });
+    }
+
+    pub fn exit(&self) -> Option<ExitStatus> {
+        *lock(&self.exit)
+    }
+
+    /// Blocks until the process has exited, or `timeout` passed (then `None`).
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<ExitStatus> {
+        let mut exit = lock(&self.exit);
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            if let Some(status) = *exit {
+                return Some(status);
+            }
+            exit = match deadline {
+                None => self.exited.wait(exit).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.checked_duration_since(std::time::Instant::now())?;
+                    self.exited
+                        .wait_timeout(exit, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        if self.exit().is_some() {
+            return Err(error(
+                ErrorKind::InvalidState,
+                "the process has already exited",
+            ));
+        }
+        // SAFETY: kill(2) on a child the agent has not reaped yet, so the pid is still ours.
+        if unsafe { libc::kill(self.pid, signal) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(error(
+                ErrorKind::Failed,
+                format!("kill {} with {signal}: {e}", self.pid),
+            ));
+        }
+        Ok(())
+    }
+
+    fn resize(&self, rows: u16, cols: u16) -> Result<(), AgentError> {
+        let stdio = lock(&self.stdio);
+        let master = stdio
+            .pty_master
+            .as_ref()
+            .ok_or_else(|| error(ErrorKind::InvalidState, "the process has no terminal"))?;
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ on a pty master we hold, with a valid winsize.
+        if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(error(
+                ErrorKind::Failed,
+                format!("resize the terminal: {e}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct Container {
+    id: String,
+    cgroup: Cgroup,
+    rootfs: Mutex<Option<Rootfs>>,
+    init: Arc<ProcessRecord>,
+    /// The init process between create and start.
+    pending: Mutex<Option<Spawned>>,
+    execs: Mutex<HashMap<String, Arc<ProcessRecord>>>,
+    /// The container's seccomp filter, which exec'd processes get too (as under runc).
+    seccomp: Option<process::Seccomp>,
+}
+
+impl Container {
+    fn status(&self) -> ContainerStatus {
+        if self.init.exit().is_some() {
+            ContainerStatus::Stopped
+        } else if lock(&self.pending).is_some() {
+            ContainerStatus::Created
+        } else {
+            ContainerStatus::Running
+        }
+    }
+
+    fn process(&self, exec_id: Option<&str>) -> Result<Arc<ProcessRecord>, AgentError> {
+        match exec_id {
+            None => Ok(Arc::clone(&self.init)),
+            Some(exec_id) => lock(&self.execs).get(exec_id).cloned().ok_or_else(|| {
+                error(
+                    ErrorKind::NotFound,
+                    format!("no process {exec_id} in container {}", self.id),
+                )
+            }),
+        }
+    }
+}
+
+/// Every container in the guest. `None` marks an id whose create is in progress.
+#[derive(Default)]
+pub struct Containers {
+    map: Mutex<HashMap<String, Option<Arc<Container>>>>,
+}
+
+/// Namespace kinds as clone flags; the spec's `path`s name the engine's namespaces on the host,
+/// which the VM as a whole stands for, so a namespace with a path is the guest's own.
+fn new_namespaces(spec: &Spec) -> libc::c_int {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|ns| ns.path().is_none())
+        .map(|ns| match ns.typ() {
+            LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
+            LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
+            LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
+            LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
+            LinuxNamespaceType::User => libc::CLONE_NEWUSER,
+            LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
+            LinuxNamespaceType::Network => libc::CLONE_NEWNET,
+            LinuxNamespaceType::Time => 0x80,
+        })
+        .fold(0, |flags, flag| flags | flag)
+}
+
+fn id_maps(spec: &Spec) -> Option<(String, String)> {
+    let linux = spec.linux().as_ref()?;
+    let format = |maps: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        maps.iter()
+            .flatten()
+            .map(|m| format!("{} {} {}\n", m.container_id(), m.host_id(), m.size()))
+            .collect::<String>()
+    };
+    Some((format(linux.uid_mappings()), format(linux.gid_mappings())))
+}
+
+fn privileges(process: &Process, spec: &Spec) -> Result<process::Privileges, AgentError> {
+    let last_cap = capabilities::last_cap();
+    let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+        None => None,
+        Some(profile) => {
+            let invalid = |e: seccomp::SeccompError| {
+                error(ErrorKind::InvalidArgument, format!("seccomp: {e}"))
+            };
+            Some(process::Seccomp {
+                program: seccomp::compile(profile).map_err(invalid)?,
+                flags: seccomp::filter_flags(profile).map_err(invalid)?,
+            })
+        }
+    };
+    Ok(process::Privileges {
+        capabilities: capabilities::from_spec(process.capabilities().as_ref(), last_cap),
+        last_cap,
+        seccomp,
+    })
+}
+
+/// What runs in a new container's init process, up to exec.
+fn init_body(
+    sys: &dyn Syscall,
+    spec: &Spec,
+    process: &Process,
+    setup: &mounts::RootfsSetup,
+    flags: libc::c_int,
+    privileges: &process::Privileges,
+    gate: &Gate,
+) -> Result<Infallible, String> {
+    if flags & libc::CLONE_NEWUSER != 0 {
+        gate.wait_for_id_maps();
+    }
+    if flags & libc::CLONE_NEWCGROUP != 0 {
+        // Now, not at clone: the namespace's root is the cgroup the process is in.
+        sys.unshare(libc::CLONE_NEWCGROUP)
+            .map_err(|e| format!("unshare the cgroup namespace: {e}"))?;
+    }
+    mounts::enter_root(sys, spec, setup).map_err(|e| e.to_string())?;
+    if flags & libc::CLONE_NEWUTS != 0 {
+        if let Some(hostname) = spec.hostname() {
+            sys.sethostname(hostname)
+                .map_err(|e| format!("sethostname {hostname}: {e}"))?;
+        }
+        if let Some(domainname) = spec.domainname() {
+            sys.setdomainname(domainname)
+                .map_err(|e| format!("setdomainname: {e}"))?;
+        }
+    }
+    for (key, value) in spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.sysctl().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        sys.write_file(&path, value.as_bytes())
+            .map_err(|e| format!("sysctl {key}: {e}"))?;
+    }
+    mounts::protect_paths(sys, spec).map_err(|e| e.to_string())?;
+    let executable = process::find_executable(process)?;
+    gate.ready();
+    process::apply(sys, process, privileges).map_err(|e| e.to_string())?;
+    let errno = process::exec(&executable, process);
+    Err(format!("exec {}: {errno}", executable.display()))
+}
+
+fn exec_body(
+    sys: &dyn Syscall,
+    process: &Process,
+    privileges: &process::Privileges,
+    gate: &Gate,
+) -> Result<Infallible, String> {
+    let executable = process::find_executable(process)?;
+    gate.ready();
+    process::apply(sys, process, privileges).map_err(|e| e.to_string())?;
+    let errno = process::exec(&executable, process);
+    Err(format!("exec {}: {errno}", executable.display()))
+}
+
+/// Opens the namespaces of `pid` that differ from the agent's own.
+fn namespaces_of(pid: i32) -> Result<Vec<(OwnedFd, libc::c_int)>, AgentError> {
+    use std::os::unix::fs::MetadataExt;
+    let kinds = [
+        ("user", libc::CLONE_NEWUSER),
+        ("ipc", libc::CLONE_NEWIPC),
+        ("uts", libc::CLONE_NEWUTS),
+        ("net", libc::CLONE_NEWNET),
+        ("pid", libc::CLONE_NEWPID),
+        ("cgroup", libc::CLONE_NEWCGROUP),
+        ("mnt", libc::CLONE_NEWNS),
+    ];
+    let mut fds = Vec::new();
+    for (name, kind) in kinds {
+        let theirs = format!("/proc/{pid}/ns/{name}");
+        let same = match (
+            std::fs::metadata(&theirs),
+            std::fs::metadata(format!("/proc/self/ns/{name}")),
+        ) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino(),
+            (Err(e), _) => return Err(error(ErrorKind::Failed, format!("open {theirs}: {e}"))),
+            _ => false,
+        };
+        if !same {
+            let file = std::fs::File::open(&theirs)
+                .map_err(|e| error(ErrorKind::Failed, format!("open {theirs}: {e}")))?;
+            fds.push((OwnedFd::from(file), kind));
+        }
+    }
+    Ok(fds)
+}
+
+impl Containers {
+    fn get(&self, id: &str) -> Result<Arc<Container>, AgentError> {
+        match lock(&self.map).get(id) {
+            Some(Some(container)) => Ok(Arc::clone(container)),
+            Some(None) => Err(error(
+                ErrorKind::InvalidState,
+                format!("container {id} is being created"),
+            )),
+            None => Err(error(
+                ErrorKind::NotFound,
+                format!("container {id} does not exist"),
+            )),
+        }
+    }
+
+    pub fn create(&self, request: CreateContainer) -> Result<i32, AgentError> {
+        let id = request.container_id.clone();
+        if !valid_id(&id) {
+            return Err(error(
+                ErrorKind::InvalidArgument,
+                format!("invalid container id {id:?}"),
+            ));
+        }
+        {
+            let mut map = lock(&self.map);
+            if map.contains_key(&id) {
+                return Err(error(
+                    ErrorKind::AlreadyExists,
+                    format!("container {id} already exists"),
+                ));
+            }
+            map.insert(id.clone(), None);
+        }
+        let result = create_container(request);
+        let mut map = lock(&self.map);
+        match result {
+            Ok(container) => {
+                let pid = container.init.pid;
+                map.insert(id, Some(container));
+                Ok(pid)
+            }
+            Err(e) => {
+                map.remove(&id);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn start(&self, id: &str) -> Result<i32, AgentError> {
+        let container = self.get(id)?;
+        let pending = lock(&container.pending).take();
+        let spawned = pending.ok_or_else(|| {
+            error(
+                ErrorKind::InvalidState,
+                format!("container {id} is not in the created state"),
+            )
+        })?;
+        spawned.start()?;
+        Ok(container.init.pid)
+    }
+
+    pub fn exec(&self, request: ExecProcess) -> Result<i32, AgentError> {
+        let container = self.get(&request.container_id)?;
+        if !valid_id(&request.exec_id) {
+            return Err(error(
+                ErrorKind::InvalidArgument,
+                format!("invalid exec id {:?}", request.exec_id),
+            ));
+        }
+        if container.status() != ContainerStatus::Running {
+            return Err(error(
+                ErrorKind::InvalidState,
+                format!("container {} is not running", container.id),
+            ));
+        }
+        if lock(&container.execs).contains_key(&request.exec_id) {
+            return Err(error(
+                ErrorKind::AlreadyExists,
+                format!("process {} already exists", request.exec_id),
+            ));
+        }
+        let process = &request.process;
+        let last_cap = capabilities::last_cap();
+        let privileges = process::Privileges {
+            capabilities: capabilities::from_spec(process.capabilities().as_ref(), last_cap),
+            last_cap,
+            seccomp: container.seccomp.clone(),
+        };
+        let namespaces = namespaces_of(container.init.pid)?;
+        let (child, mut host) =
+            stdio::prepare(&container.id, Some(&request.exec_id), request.stdio)?;
+        let oom_before = container.cgroup.oom_kills();
+        let sys = LinuxSyscall;
+        let spawned = spawn::spawn(
+            Namespaces::Join(namespaces),
+            &container.cgroup.procs_file(),
+            child,
+            false,
+            |gate| exec_body(&sys, process, &privileges, gate),
+        )?;
+        let pid = spawned.pid;
+        spawned.start().ok();
+        host.start_relays();
+        let record = ProcessRecord::new(pid, host);
+        record.watch(container.cgroup.path.clone(), oom_before);
+        lock(&container.execs).insert(request.exec_id, record);
+        Ok(pid)
+    }
+
+    pub fn signal(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), AgentError> {
+        let container = self.get(id)?;
+        if !(1..=64).contains(&signal) {
+            return Err(error(
+                ErrorKind::InvalidArgument,
+                format!("invalid signal {signal}"),
+            ));
+        }
+        if all {
+            for pid in container.cgroup.pids() {
+                // SAFETY: kill(2) on pids the container's cgroup lists.
+                unsafe { libc::kill(pid, signal) };
+            }
+            return Ok(());
+        }
+        container.process(exec_id)?.signal(signal)
+    }
+
+    pub fn wait(&self, id: &str, exec_id: Option<&str>) -> Result<ExitStatus, AgentError> {
+        let process = self.get(id)?.process(exec_id)?;
+        process
+            .wait(None)
+            .ok_or_else(|| error(ErrorKind::Failed, "wait ended without an exit"))
+    }
+
+    pub fn resize(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), AgentError> {
+        self.get(id)?.process(exec_id)?.resize(rows, cols)
+    }
+
+    pub fn state(&self, id: &str) -> Result<ContainerState, AgentError> {
+        let container = self.get(id)?;
+        Ok(ContainerState {
+            status: container.status(),
+            pid: container.init.pid,
+            exit: container.init.exit(),
+        })
+    }
+
+    pub fn stats(&self, id: &str) -> Result<ContainerStats, AgentError> {
+        Ok(self.get(id)?.cgroup.stats())
+    }
+
+    pub fn processes(&self, id: &str) -> Result<Vec<i32>, AgentError> {
+        Ok(self.get(id)?.cgroup.pids())
+    }
+
+    /// Kills what is left and removes every trace: processes, mounts, cgroup, streams.
+    pub fn remove(&self, id: &str) -> Result<(), AgentError> {
+        let container = self.get(id)?;
+        let sys = LinuxSyscall;
+        // A created container's init is waiting for start; closing its pipe ends it.
+        drop(lock(&container.pending).take());
+        let _ = container.cgroup.kill_all(&sys);
+        let mut records: Vec<Arc<ProcessRecord>> =
+            lock(&container.execs).values().cloned().collect();
+        records.push(Arc::clone(&container.init));
+        for record in &records {
+            if record.wait(Some(Duration::from_secs(10))).is_none() {
+                return Err(error(
+                    ErrorKind::Failed,
+                    format!("process {} did not die", record.pid),
+                ));
+            }
+            lock(&record.stdio).close();
+        }
+        if let Some(mut rootfs) = lock(&container.rootfs).take() {
+            rootfs.unmount(&sys);
+        }
+        container
+            .cgroup
+            .remove(&sys)
+            .map_err(|e| error(ErrorKind::Failed, e.to_string()))?;
+        stdio::discard(id);
+        lock(&self.map).remove(id);
+        Ok(())
+    }
+}
+
+fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentError> {
+    let CreateContainer {
+        container_id: id,
+        spec,
+        layers,
+        stdio: stdio_config,
+    } = request;
+    let process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| error(ErrorKind::InvalidArgument, "the spec has no process"))?;
+    let flags = new_namespaces(&spec);
+    if flags & libc::CLONE_NEWNS == 0 {
+        return Err(error(
+            ErrorKind::InvalidArgument,
+            "the spec must ask for a mount namespace",
+        ));
+    }
+    let terminal = process.terminal() == Some(true);
+    if terminal != stdio_config.terminal {
+        return Err(error(
+            ErrorKind::InvalidArgument,
+            "process.terminal and the stdio configuration disagree",
+        ));
+    }
+    let privileges = privileges(&process, &spec)?;
+    let devices = layers
+        .iter()
+        .map(|l| rootfs::layer_device(l))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(ErrorKind::InvalidArgument, e.to_string()))?;
+
+    let sys = LinuxSyscall;
+    let mut rootfs =
+        Rootfs::mount(&sys, &id, &devices).map_err(|e| error(ErrorKind::Failed, e.to_string()))?;
+    let cgroup = Cgroup::for_container(&id);
+    let undo = |rootfs: &mut Rootfs, cgroup: &Cgroup| {
+        rootfs.unmount(&sys);
+        let _ = cgroup.remove(&sys);
+        stdio::discard(&id);
+    };
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    if let Err(e) = cgroup.create(&sys, resources) {
+        undo(&mut rootfs, &cgroup);
+        return Err(error(ErrorKind::Failed, e.to_string()));
+    }
+    let prepared = stdio::prepare(&id, None, stdio_config);
+    let (child, mut host) = match prepared {
+        Ok(pair) => pair,
+        Err(e) => {
+            undo(&mut rootfs, &cgroup);
+            return Err(e);
+        }
+    };
+    let console = child.console.clone();
+    let setup = mounts::RootfsSetup {
+        root: &rootfs.root,
+        console: console.as_deref(),
+        in_user_namespace: flags & libc::CLONE_NEWUSER != 0,
+    };
+    let namespaces = Namespaces::New {
+        clone_flags: flags & !libc::CLONE_NEWCGROUP,
+        id_maps: id_maps(&spec),
+    };
+    let spawned = spawn::spawn(namespaces, &cgroup.procs_file(), child, true, |gate| {
+        init_body(&sys, &spec, &process, &setup, flags, &privileges, gate)
+    });
+    let spawned = match spawned {
+        Ok(spawned) => spawned,
+        Err(e) => {
+            host.close();
+            undo(&mut rootfs, &cgroup);
+            return Err(e);
+        }
+    };
+    host.start_relays();
+    let init = ProcessRecord::new(spawned.pid, host);
+    init.watch(cgroup.path.clone(), 0);
+    Ok(Arc::new(Container {
+        id,
+        cgroup,
+        rootfs: Mutex::new(Some(rootfs)),
+        init,
+        pending: Mutex::new(Some(spawned)),
+        execs: Mutex::new(HashMap::new()),
+        seccomp: privileges.seccomp,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_with_a_path_are_the_guests_own() {
+        let spec: Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","linux":{"namespaces":[
+                {"type":"pid"},{"type":"mount"},{"type":"network","path":"/var/run/netns/cni-1"},
+                {"type":"uts"},{"type":"ipc"},{"type":"cgroup"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            new_namespaces(&spec),
+            libc::CLONE_NEWPID
+                | libc::CLONE_NEWNS
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWCGROUP
+        );
+    }
+
+    #[test]
+    fn id_maps_use_the_proc_format() {
+        let spec: Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","linux":{
+                "uidMappings":[{"containerID":0,"hostID":1000,"size":1}],
+                "gidMappings":[{"containerID":0,"hostID":100,"size":10}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            id_maps(&spec),
+            Some(("0 1000 1\n".into(), "0 100 10\n".into()))
+        );
+    }
+}

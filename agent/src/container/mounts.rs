@@ -1,0 +1,666 @@
+//! Inside the new mount namespace: the OCI mounts, default devices and console under the
+//! container's root, `pivot_root` into it, then masked and read-only paths and a read-only root.
+//!
+//! Mount targets come from an image the user chose: they are resolved inside the root, so a
+//! symlink such as `/proc -> /` in the image cannot put a mount outside it.
+
+use std::path::{Component, Path, PathBuf};
+
+use oci_spec::runtime::{LinuxDeviceType, Mount, Spec};
+
+use super::syscall::{Errno, FileKind, Syscall};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {errno}")]
+pub struct MountError {
+    pub what: String,
+    pub errno: Errno,
+}
+
+trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, MountError>;
+}
+
+impl<T> Context<T> for Result<T, Errno> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, MountError> {
+        self.map_err(|errno| MountError {
+            what: what(),
+            errno,
+        })
+    }
+}
+
+/// A symlink chain longer than this is a loop (the kernel's own limit).
+const MAX_SYMLINKS: usize = 40;
+
+/// `path` (absolute, as the container sees it) resolved inside `root`: symlinks are followed as
+/// if `root` were `/`, and `..` stops at `root`. Components that do not exist are kept as they
+/// are. The result never leaves `root`.
+pub fn resolve_in_root(sys: &dyn Syscall, root: &Path, path: &Path) -> Result<PathBuf, Errno> {
+    let mut resolved = PathBuf::new();
+    let mut pending: Vec<PathBuf> = path
+        .components()
+        .rev()
+        .map(|c| PathBuf::from(c.as_os_str()))
+        .collect();
+    let mut links = 0;
+    while let Some(part) = pending.pop() {
+        match Path::new(&part).components().next() {
+            None | Some(Component::RootDir | Component::CurDir | Component::Prefix(_)) => {}
+            Some(Component::ParentDir) => {
+                resolved.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let candidate = resolved.join(name);
+                if sys.file_kind(&root.join(&candidate))? == Some(FileKind::Symlink) {
+                    links += 1;
+                    if links > MAX_SYMLINKS {
+                        return Err(Errno(libc::ELOOP));
+                    }
+                    let target = sys.read_link(&root.join(&candidate))?;
+                    if target.is_absolute() {
+                        resolved = PathBuf::new();
+                    }
+                    pending.extend(
+                        target
+                            .components()
+                            .rev()
+                            .map(|c| PathBuf::from(c.as_os_str())),
+                    );
+                } else {
+                    resolved = candidate;
+                }
+            }
+        }
+    }
+    Ok(root.join(resolved))
+}
+
+/// Creates the missing directories of `path` below `root` (which exists).
+fn create_dirs(sys: &dyn Syscall, root: &Path, path: &Path) -> Result<(), Errno> {
+    let relative = path.strip_prefix(root).map_err(|_| Errno(libc::EINVAL))?;
+    let mut current = root.to_owned();
+    for component in relative.components() {
+        current.push(component);
+        if sys.file_kind(&current)?.is_none() {
+            sys.mkdir(&current, 0o755)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes `target` exist as a directory, or as a file when `file` (bind mounts of files).
+fn create_mount_point(
+    sys: &dyn Syscall,
+    root: &Path,
+    target: &Path,
+    file: bool,
+) -> Result<(), Errno> {
+    if file {
+        if let Some(parent) = target.parent() {
+            create_dirs(sys, root, parent)?;
+        }
+        if sys.file_kind(target)?.is_none() {
+            sys.create_file(target)?;
+        }
+        Ok(())
+    } else {
+        create_dirs(sys, root, target)
+    }
+}
+
+/// An OCI mount's `options` split into what mount(2) takes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MountOptions {
+    pub flags: libc::c_ulong,
+    /// Propagation changes, applied with separate calls after the mount.
+    pub propagation: Vec<libc::c_ulong>,
+    /// Filesystem-specific options, comma-joined into mount(2)'s data.
+    pub data: Vec<String>,
+}
+
+impl MountOptions {
+    pub fn parse(options: &[String]) -> MountOptions {
+        let mut parsed = MountOptions::default();
+        for option in options {
+            let (set, clear): (libc::c_ulong, libc::c_ulong) = match option.as_str() {
+                "ro" => (libc::MS_RDONLY, 0),
+                "rw" => (0, libc::MS_RDONLY),
+                "nosuid" => (libc::MS_NOSUID, 0),
+                "suid" => (0, libc::MS_NOSUID),
+                "nodev" => (libc::MS_NODEV, 0),
+                "dev" => (0, libc::MS_NODEV),
+                "noexec" => (libc::MS_NOEXEC, 0),
+                "exec" => (0, libc::MS_NOEXEC),
+                "sync" => (libc::MS_SYNCHRONOUS, 0),
+                "async" => (0, libc::MS_SYNCHRONOUS),
+                "dirsync" => (libc::MS_DIRSYNC, 0),
+                "remount" => (libc::MS_REMOUNT, 0),
+                "mand" => (libc::MS_MANDLOCK, 0),
+                "nomand" => (0, libc::MS_MANDLOCK),
+                "atime" => (0, libc::MS_NOATIME),
+                "noatime" => (libc::MS_NOATIME, 0),
+                "diratime" => (0, libc::MS_NODIRATIME),
+                "nodiratime" => (libc::MS_NODIRATIME, 0),
+                "relatime" => (libc::MS_RELATIME, 0),
+                "norelatime" => (0, libc::MS_RELATIME),
+                "strictatime" => (libc::MS_STRICTATIME, 0),
+                "nostrictatime" => (0, libc::MS_STRICTATIME),
+                "bind" => (libc::MS_BIND, 0),
+                "rbind" => (libc::MS_BIND | libc::MS_REC, 0),
+                "silent" => (libc::MS_SILENT, 0),
+                "loud" => (0, libc::MS_SILENT),
+                _ => {
+                    let propagation = match option.as_str() {
+                        "private" => Some(libc::MS_PRIVATE),
+                        "rprivate" => Some(libc::MS_PRIVATE | libc::MS_REC),
+                        "shared" => Some(libc::MS_SHARED),
+                        "rshared" => Some(libc::MS_SHARED | libc::MS_REC),
+                        "slave" => Some(libc::MS_SLAVE),
+                        "rslave" => Some(libc::MS_SLAVE | libc::MS_REC),
+                        "unbindable" => Some(libc::MS_UNBINDABLE),
+                        "runbindable" => Some(libc::MS_UNBINDABLE | libc::MS_REC),
+                        _ => None,
+                    };
+                    match propagation {
+                        Some(p) => parsed.propagation.push(p),
+                        None => parsed.data.push(option.clone()),
+                    }
+                    continue;
+                }
+            };
+            parsed.flags = (parsed.flags | set) & !clear;
+        }
+        parsed
+    }
+
+    fn data(&self) -> Option<String> {
+        (!self.data.is_empty()).then(|| self.data.join(","))
+    }
+}
+
+/// What the container's mount namespace gets besides the spec's own mounts.
+pub struct RootfsSetup<'a> {
+    /// Where the container's root is mounted in the agent's namespace (the overlay).
+    pub root: &'a Path,
+    /// The pty slave to appear as /dev/console, when the process has a terminal.
+    pub console: Option<&'a Path>,
+    /// mknod is not allowed in a user namespace: devices are bind-mounted from the guest.
+    pub in_user_namespace: bool,
+}
+
+/// The devices every container gets (OCI runtime spec, "Default Devices").
+const DEFAULT_DEVICES: [(&str, u32, u32); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+const DEV_SYMLINKS: [(&str, &str); 5] = [
+    ("/proc/self/fd", "fd"),
+    ("/proc/self/fd/0", "stdin"),
+    ("/proc/self/fd/1", "stdout"),
+    ("/proc/self/fd/2", "stderr"),
+    ("pts/ptmx", "ptmx"),
+];
+
+/// Everything up to and including `pivot_root`; the process is then inside its root at `/`.
+pub fn enter_root(sys: &dyn Syscall, spec: &Spec, setup: &RootfsSetup) -> Result<(), MountError> {
+    let root = setup.root;
+    let linux = spec.linux().as_ref();
+    let propagation = match linux.and_then(|l| l.rootfs_propagation().as_deref()) {
+        Some("shared") => libc::MS_SHARED,
+        Some("slave") => libc::MS_SLAVE,
+        Some("unbindable") => libc::MS_UNBINDABLE,
+        _ => libc::MS_PRIVATE,
+    };
+    // Nothing mounted from here on may propagate back into the agent's namespace.
+    sys.mount(None, Path::new("/"), None, libc::MS_REC | propagation, None)
+        .context(|| "make / private".into())?;
+    sys.mount(
+        Some(&root.to_string_lossy()),
+        root,
+        None,
+        libc::MS_BIND | libc::MS_REC,
+        None,
+    )
+    .context(|| format!("bind {} onto itself", root.display()))?;
+
+    let mut dev_is_bound = false;
+    for mount in spec.mounts().iter().flatten() {
+        mount_one(sys, root, mount)?;
+        if mount.destination() == Path::new("/dev") && is_bind(mount) {
+            dev_is_bound = true;
+        }
+    }
+    if !dev_is_bound {
+        create_devices(sys, spec, setup)?;
+    }
+    if let Some(console) = setup.console {
+        let target = resolve_in_root(sys, root, Path::new("/dev/console"))
+            .context(|| "resolve /dev/console".into())?;
+        create_mount_point(sys, root, &target, true).context(|| "create /dev/console".into())?;
+        sys.mount(
+            Some(&console.to_string_lossy()),
+            &target,
+            None,
+            libc::MS_BIND,
+            None,
+        )
+        .context(|| format!("bind {} to /dev/console", console.display()))?;
+    }
+
+    // pivot_root(".", "."): the old root ends up stacked on the new one, and a lazy unmount
+    // of "." then drops it; no directory in the image is needed for it.
+    sys.chdir(root)
+        .context(|| format!("chdir {}", root.display()))?;
+    sys.pivot_root(Path::new("."), Path::new("."))
+        .context(|| "pivot_root".into())?;
+    sys.umount(Path::new("."), libc::MNT_DETACH)
+        .context(|| "detach the old root".into())?;
+    sys.chdir(Path::new("/")).context(|| "chdir /".into())?;
+    Ok(())
+}
+
+fn is_bind(mount: &Mount) -> bool {
+    mount.typ().as_deref() == Some("bind")
+        || mount
+            .options()
+            .iter()
+            .flatten()
+            .any(|o| o == "bind" || o == "rbind")
+}
+
+fn mount_one(sys: &dyn Syscall, root: &Path, mount: &Mount) -> Result<(), MountError> {
+    let destination = mount.destination();
+    let describe = || format!("mount {}", destination.display());
+    let target = resolve_in_root(sys, root, destination).context(describe)?;
+    let options = MountOptions::parse(mount.options().as_deref().unwrap_or_default());
+    let bind = is_bind(mount);
+    let source = mount
+        .source()
+        .as_ref()
+        .map(|s| s.to_string_lossy().into_owned());
+    // The guest is cgroup v2 only; a v1-style "cgroup" mount means the unified hierarchy.
+    let fstype = match mount.typ().as_deref() {
+        _ if bind => None,
+        Some("cgroup") => Some("cgroup2"),
+        other => other,
+    };
+    let file = bind
+        && source
+            .as_deref()
+            .is_some_and(|s| matches!(sys.file_kind(Path::new(s)), Ok(Some(FileKind::Other))));
+    create_mount_point(sys, root, &target, file).context(describe)?;
+
+    let mut flags = options.flags;
+    if bind {
+        // A bind mount ignores flags other than MS_BIND/MS_REC; they need a remount.
+        sys.mount(
+            source.as_deref(),
+            &target,
+            None,
+            flags & (libc::MS_BIND | libc::MS_REC),
+            None,
+        )
+        .context(describe)?;
+        let extra = flags & !(libc::MS_BIND | libc::MS_REC | libc::MS_REMOUNT);
+        if extra != 0 {
+            flags = extra | libc::MS_BIND | libc::MS_REMOUNT;
+            sys.mount(None, &target, None, flags, None)
+                .context(describe)?;
+        }
+    } else {
+        let data = options.data();
+        sys.mount(
+            source.as_deref().or(fstype),
+            &target,
+            fstype,
+            flags,
+            data.as_deref(),
+        )
+        .context(describe)?;
+    }
+    for propagation in &options.propagation {
+        sys.mount(None, &target, None, *propagation, None)
+            .context(describe)?;
+    }
+    Ok(())
+}
+
+fn create_devices(sys: &dyn Syscall, spec: &Spec, setup: &RootfsSetup) -> Result<(), MountError> {
+    let root = setup.root;
+    let dev = resolve_in_root(sys, root, Path::new("/dev")).context(|| "resolve /dev".into())?;
+    create_dirs(sys, root, &dev).context(|| "create /dev".into())?;
+    let mut devices: Vec<(PathBuf, u32, u32, u32, u32, u32)> = DEFAULT_DEVICES
+        .iter()
+        .map(|(name, major, minor)| {
+            (
+                PathBuf::from("/dev").join(name),
+                libc::S_IFCHR,
+                *major,
+                *minor,
+                0o666,
+                0,
+            )
+        })
+        .collect();
+    for device in spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.devices().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let kind = match device.typ() {
+            LinuxDeviceType::C | LinuxDeviceType::U => libc::S_IFCHR,
+            LinuxDeviceType::B => libc::S_IFBLK,
+            LinuxDeviceType::P => libc::S_IFIFO,
+            LinuxDeviceType::A => continue,
+        };
+        let owner = device.uid().unwrap_or(0);
+        let group = device.gid().unwrap_or(0);
+        devices.retain(|d| d.0 != *device.path());
+        devices.push((
+            device.path().clone(),
+            kind,
+            device.major() as u32,
+            device.minor() as u32,
+            device.file_mode().unwrap_or(0o666) & 0o7777,
+            (u64::from(owner) << 32 | u64::from(group)) as u32,
+        ));
+        if owner != 0 || group != 0 {
+            // chown below needs both ids; keep them out of the tuple's packed field.
+            let target = resolve_in_root(sys, root, device.path())
+                .context(|| format!("resolve {}", device.path().display()))?;
+            devices.pop();
+            make_device(sys, root, &target, kind, device, setup)?;
+            sys.chown(&target, owner, group)
+                .context(|| format!("chown {}", device.path().display()))?;
+        }
+    }
+    for (path, kind, major, minor, mode, _) in &devices {
+        let target =
+            resolve_in_root(sys, root, path).context(|| format!("resolve {}", path.display()))?;
+        if let Some(parent) = target.parent() {
+            create_dirs(sys, root, parent).context(|| format!("create {}", path.display()))?;
+        }
+        if setup.in_user_namespace {
+            create_mount_point(sys, root, &target, true)
+                .context(|| format!("create {}", path.display()))?;
+            sys.mount(
+                Some(&path.to_string_lossy()),
+                &target,
+                None,
+                libc::MS_BIND,
+                None,
+            )
+            .context(|| format!("bind {}", path.display()))?;
+        } else if sys.file_kind(&target).ok().flatten().is_none() {
+            sys.mknod(&target, kind | mode, *major, *minor)
+                .context(|| format!("mknod {}", path.display()))?;
+        }
+    }
+    for (target, name) in DEV_SYMLINKS {
+        sys.symlink(Path::new(target), &dev.join(name))
+            .context(|| format!("symlink /dev/{name}"))?;
+    }
+    Ok(())
+}
+
+fn make_device(
+    sys: &dyn Syscall,
+    root: &Path,
+    target: &Path,
+    kind: u32,
+    device: &oci_spec::runtime::LinuxDevice,
+    setup: &RootfsSetup,
+) -> Result<(), MountError> {
+    let path = device.path();
+    if let Some(parent) = target.parent() {
+        create_dirs(sys, root, parent).context(|| format!("create {}", path.display()))?;
+    }
+    if setup.in_user_namespace {
+        create_mount_point(sys, root, target, true)
+            .context(|| format!("create {}", path.display()))?;
+        return sys
+            .mount(
+                Some(&path.to_string_lossy()),
+                target,
+                None,
+                libc::MS_BIND,
+                None,
+            )
+            .context(|| format!("bind {}", path.display()));
+    }
+    let mode = device.file_mode().unwrap_or(0o666) & 0o7777;
+    sys.mknod(
+        target,
+        kind | mode,
+        device.major() as u32,
+        device.minor() as u32,
+    )
+    .context(|| format!("mknod {}", path.display()))
+}
+
+/// After `pivot_root`: hide masked paths, make read-only paths and (if asked) the root read-only.
+pub fn protect_paths(sys: &dyn Syscall, spec: &Spec) -> Result<(), MountError> {
+    let linux = spec.linux().as_ref();
+    for path in linux
+        .and_then(|l| l.masked_paths().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let path = Path::new(path);
+        match sys.file_kind(path) {
+            Ok(None) | Err(Errno(libc::ENOENT)) => {}
+            Ok(Some(FileKind::Directory)) => sys
+                .mount(Some("tmpfs"), path, Some("tmpfs"), libc::MS_RDONLY, None)
+                .context(|| format!("mask {}", path.display()))?,
+            Ok(Some(_)) => sys
+                .mount(Some("/dev/null"), path, None, libc::MS_BIND, None)
+                .context(|| format!("mask {}", path.display()))?,
+            Err(errno) => {
+                return Err(MountError {
+                    what: format!("mask {}", path.display()),
+                    errno,
+                });
+            }
+        }
+    }
+    for path in linux
+        .and_then(|l| l.readonly_paths().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let path = Path::new(path);
+        if sys.file_kind(path).ok().flatten().is_none() {
+            continue;
+        }
+        let describe = || format!("make {} read-only", path.display());
+        sys.mount(
+            Some(&path.to_string_lossy()),
+            path,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )
+        .context(describe)?;
+        remount_read_only(sys, path).context(describe)?;
+    }
+    if spec.root().as_ref().and_then(|r| r.readonly()) == Some(true) {
+        remount_read_only(sys, Path::new("/")).context(|| "make the root read-only".into())?;
+    }
+    Ok(())
+}
+
+fn remount_read_only(sys: &dyn Syscall, path: &Path) -> Result<(), Errno> {
+    let kept = sys.mount_flags(path)?;
+    sys.mount(
+        None,
+        path,
+        None,
+        kept | libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+        None,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::syscall::recorder::Recorder;
+    use super::*;
+
+    fn spec(json: &str) -> Spec {
+        serde_json::from_str(json).expect("test spec parses")
+    }
+
+    #[test]
+    fn symlinks_resolve_inside_the_root() {
+        let mut sys = Recorder::with_dirs(&["/r", "/r/etc"]);
+        sys.links.insert("/r/proc".into(), "/".into());
+        sys.links.insert("/r/etc/x".into(), "../../../..".into());
+        sys.links.insert("/r/loop".into(), "/loop".into());
+        let r = Path::new("/r");
+        assert_eq!(resolve_in_root(&sys, r, Path::new("/proc")).unwrap(), r);
+        assert_eq!(
+            resolve_in_root(&sys, r, Path::new("/proc/sys")).unwrap(),
+            Path::new("/r/sys")
+        );
+        assert_eq!(
+            resolve_in_root(&sys, r, Path::new("/etc/x/y")).unwrap(),
+            Path::new("/r/y")
+        );
+        assert_eq!(
+            resolve_in_root(&sys, r, Path::new("/../../a")).unwrap(),
+            Path::new("/r/a")
+        );
+        assert_eq!(
+            resolve_in_root(&sys, r, Path::new("/loop")),
+            Err(Errno(libc::ELOOP))
+        );
+    }
+
+    #[test]
+    fn options_split_into_flags_propagation_and_data() {
+        let o = MountOptions::parse(
+            &["nosuid", "ro", "rw", "rslave", "mode=755", "size=65536k"].map(String::from),
+        );
+        assert_eq!(o.flags, libc::MS_NOSUID);
+        assert_eq!(o.propagation, [libc::MS_SLAVE | libc::MS_REC]);
+        assert_eq!(o.data(), Some("mode=755,size=65536k".into()));
+    }
+
+    #[test]
+    fn runc_default_mounts_then_pivot_in_order() {
+        let sys = Recorder::with_dirs(&["/r"]);
+        let spec = spec(
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs","readonly":true},
+            "mounts":[
+              {"destination":"/proc","type":"proc","source":"proc"},
+              {"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","strictatime","mode=755","size=65536k"]},
+              {"destination":"/dev/pts","type":"devpts","source":"devpts","options":["nosuid","noexec","newinstance","ptmxmode=0666"]},
+              {"destination":"/sys/fs/cgroup","type":"cgroup","source":"cgroup","options":["ro","nosuid"]},
+              {"destination":"/data","type":"bind","source":"/srv","options":["rbind","ro"]}
+            ],
+            "linux":{"maskedPaths":["/proc/kcore","/proc/acpi"],"readonlyPaths":["/proc/sys"]}}"#,
+        );
+        let setup = RootfsSetup {
+            root: Path::new("/r"),
+            console: Some(Path::new("/dev/pts/3")),
+            in_user_namespace: false,
+        };
+        enter_root(&sys, &spec, &setup).unwrap();
+        let calls = sys.calls();
+        let expect_in_order = [
+            "mount / - - 0x44000 -",
+            "mount /r /r - 0x5000 -",
+            "mkdir /r/proc 755",
+            "mount /r/proc proc proc 0x0 -",
+            "mkdir /r/dev 755",
+            "mount /r/dev tmpfs tmpfs 0x1000002 mode=755,size=65536k",
+            "mkdir /r/dev/pts 755",
+            "mount /r/dev/pts devpts devpts 0xa newinstance,ptmxmode=0666",
+            "mkdir /r/sys 755",
+            "mkdir /r/sys/fs 755",
+            "mkdir /r/sys/fs/cgroup 755",
+            "mount /r/sys/fs/cgroup cgroup cgroup2 0x3 -",
+            "mkdir /r/data 755",
+            "mount /r/data /srv - 0x5000 -",
+            "mount /r/data - - 0x1021 -",
+            "mknod /r/dev/null 20666 1:3",
+            "mknod /r/dev/tty 20666 5:0",
+            "symlink /r/dev/fd /proc/self/fd",
+            "symlink /r/dev/ptmx pts/ptmx",
+            "create_file /r/dev/console",
+            "mount /r/dev/console /dev/pts/3 - 0x1000 -",
+            "chdir /r",
+            "pivot_root . .",
+            "umount . 0x2",
+            "chdir /",
+        ];
+        let mut position = 0;
+        for want in expect_in_order {
+            let found = calls[position..].iter().position(|c| c == want);
+            assert!(
+                found.is_some(),
+                "{want:?} not found after call {position} in {calls:#?}"
+            );
+            position += found.unwrap() + 1;
+        }
+
+        let sys = Recorder::with_dirs(&["/proc/acpi"]);
+        sys.files
+            .borrow_mut()
+            .insert("/proc/kcore".into(), FileKind::Other);
+        sys.files
+            .borrow_mut()
+            .insert("/proc/sys".into(), FileKind::Directory);
+        protect_paths(&sys, &spec).unwrap();
+        assert_eq!(
+            sys.calls(),
+            [
+                "mount /proc/kcore /dev/null - 0x1000 -",
+                "mount /proc/acpi tmpfs tmpfs 0x1 -",
+                "mount /proc/sys /proc/sys - 0x5000 -",
+                "mount /proc/sys - - 0x1023 -",
+                "mount / - - 0x1023 -",
+            ]
+        );
+    }
+
+    #[test]
+    fn user_namespaces_bind_devices_instead_of_mknod() {
+        let sys = Recorder::with_dirs(&["/r"]);
+        let setup = RootfsSetup {
+            root: Path::new("/r"),
+            console: None,
+            in_user_namespace: true,
+        };
+        enter_root(&sys, &spec(r#"{"ociVersion":"1.0.2"}"#), &setup).unwrap();
+        assert!(sys.calls_of("mknod").is_empty());
+        assert!(
+            sys.calls()
+                .contains(&"mount /r/dev/null /dev/null - 0x1000 -".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_failed_mount_names_its_destination() {
+        let mut sys = Recorder::with_dirs(&["/r"]);
+        sys.failing.insert("mount /r/proc".into());
+        let spec = spec(
+            r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/proc","type":"proc","source":"proc"}]}"#,
+        );
+        let setup = RootfsSetup {
+            root: Path::new("/r"),
+            console: None,
+            in_user_namespace: false,
+        };
+        let err = enter_root(&sys, &spec, &setup).unwrap_err();
+        assert_eq!(err.what, "mount /proc");
+        assert_eq!(err.errno, Errno(libc::EPERM));
+    }
+}

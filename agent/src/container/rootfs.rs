@@ -1,0 +1,234 @@
+//! A container's root filesystem in the agent's namespace: each read-only EROFS layer device
+//! mounted on its own, stacked with overlayfs under a writable upper layer on a tmpfs that
+//! belongs to the container alone. Removal unmounts the lot.
+
+use std::path::{Path, PathBuf};
+
+use super::syscall::{Errno, Syscall};
+
+pub const CONTAINERS_DIR: &str = "/run/cocoon/containers";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("the container has no root filesystem layers")]
+    NoLayers,
+    #[error("layer {0:?} is neither /dev/vdX nor serial:ID")]
+    BadLayerName(String),
+    #[error("no virtio disk has serial {0:?}")]
+    UnknownSerial(String),
+    #[error("{what}: {errno}")]
+    Sys { what: String, errno: Errno },
+}
+
+fn context<T>(result: Result<T, Errno>, what: impl FnOnce() -> String) -> Result<T, RootfsError> {
+    result.map_err(|errno| RootfsError::Sys {
+        what: what(),
+        errno,
+    })
+}
+
+/// The guest device path of a layer: `/dev/vdX` as given, or the virtio disk whose serial is ID.
+pub fn layer_device(name: &str) -> Result<PathBuf, RootfsError> {
+    if let Some(serial) = name.strip_prefix("serial:") {
+        let entries = std::fs::read_dir("/sys/block").map_err(|e| RootfsError::Sys {
+            what: "list /sys/block".into(),
+            errno: e.into(),
+        })?;
+        for entry in entries.flatten() {
+            let disk = entry.file_name().to_string_lossy().into_owned();
+            let found = std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+            if is_virtio_disk(&disk) && found.trim_end_matches(['\0', '\n']) == serial {
+                return Ok(Path::new("/dev").join(disk));
+            }
+        }
+        return Err(RootfsError::UnknownSerial(serial.to_owned()));
+    }
+    match name.strip_prefix("/dev/") {
+        Some(disk) if is_virtio_disk(disk) => Ok(PathBuf::from(name)),
+        _ => Err(RootfsError::BadLayerName(name.to_owned())),
+    }
+}
+
+fn is_virtio_disk(name: &str) -> bool {
+    name.strip_prefix("vd")
+        .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase()))
+}
+
+/// The mounts that make up one container's root, in the order they were made.
+#[derive(Debug)]
+pub struct Rootfs {
+    pub base: PathBuf,
+    /// The overlay: what the container gets as `/`.
+    pub root: PathBuf,
+    mounted: Vec<PathBuf>,
+}
+
+impl Rootfs {
+    /// Mounts `layers` (device paths, lowest first) and the overlay for container `id`. On
+    /// failure, whatever was mounted is unmounted again.
+    pub fn mount(sys: &dyn Syscall, id: &str, layers: &[PathBuf]) -> Result<Rootfs, RootfsError> {
+        if layers.is_empty() {
+            return Err(RootfsError::NoLayers);
+        }
+        let base = Path::new(CONTAINERS_DIR).join(id);
+        let mut rootfs = Rootfs {
+            root: base.join("rootfs"),
+            base,
+            mounted: Vec::new(),
+        };
+        match rootfs.mount_all(sys, layers) {
+            Ok(()) => Ok(rootfs),
+            Err(e) => {
+                rootfs.unmount(sys);
+                Err(e)
+            }
+        }
+    }
+
+    fn mount_all(&mut self, sys: &dyn Syscall, layers: &[PathBuf]) -> Result<(), RootfsError> {
+        let base = self.base.clone();
+        for dir in [Path::new("/run/cocoon"), Path::new(CONTAINERS_DIR), &base] {
+            context(sys.mkdir(dir, 0o700), || {
+                format!("create {}", dir.display())
+            })?;
+        }
+        // The upper layer's tmpfs: the container's writes, gone with one unmount.
+        context(
+            sys.mount(
+                Some("tmpfs"),
+                &base,
+                Some("tmpfs"),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                Some("mode=0700"),
+            ),
+            || format!("mount tmpfs on {}", base.display()),
+        )?;
+        self.mounted.push(base.clone());
+        for dir in ["layers", "upper", "work", "rootfs"] {
+            let dir = base.join(dir);
+            context(sys.mkdir(&dir, 0o755), || {
+                format!("create {}", dir.display())
+            })?;
+        }
+        let mut lower = Vec::new();
+        for (index, device) in layers.iter().enumerate() {
+            let target = base.join("layers").join(index.to_string());
+            context(sys.mkdir(&target, 0o755), || {
+                format!("create {}", target.display())
+            })?;
+            context(
+                sys.mount(
+                    Some(&device.to_string_lossy()),
+                    &target,
+                    Some("erofs"),
+                    libc::MS_RDONLY | libc::MS_NODEV,
+                    None,
+                ),
+                || format!("mount layer {} (EROFS)", device.display()),
+            )?;
+            self.mounted.push(target.clone());
+            lower.push(target);
+        }
+        // overlayfs lists the top layer first.
+        let lowerdir: Vec<String> = lower
+            .iter()
+            .rev()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lowerdir.join(":"),
+            base.join("upper").display(),
+            base.join("work").display()
+        );
+        context(
+            sys.mount(Some("overlay"), &self.root, Some("overlay"), 0, Some(&data)),
+            || "mount the overlay root".into(),
+        )?;
+        self.mounted.push(self.root.clone());
+        Ok(())
+    }
+
+    /// Unmounts everything, top first. Lazy: a process that still holds a file keeps it, but
+    /// the mounts are gone from the namespace.
+    pub fn unmount(&mut self, sys: &dyn Syscall) {
+        while let Some(target) = self.mounted.pop() {
+            if let Err(errno) = sys.umount(&target, libc::MNT_DETACH) {
+                tracing_line(&format!("cannot unmount {}: {errno}", target.display()));
+            }
+        }
+        let _ = sys.rmdir(&self.base);
+    }
+}
+
+fn tracing_line(message: &str) {
+    crate::console::line(&format!("cocoon-agent: {message}"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::syscall::recorder::Recorder;
+    use super::*;
+
+    #[test]
+    fn layers_stack_lowest_last_under_a_tmpfs_upper() {
+        let sys = Recorder::default();
+        let layers = [PathBuf::from("/dev/vdb"), PathBuf::from("/dev/vdc")];
+        let mut rootfs = Rootfs::mount(&sys, "c1", &layers).unwrap();
+        assert_eq!(rootfs.root, Path::new("/run/cocoon/containers/c1/rootfs"));
+        let mounts = sys.calls_of("mount");
+        assert_eq!(
+            mounts,
+            [
+                "mount /run/cocoon/containers/c1 tmpfs tmpfs 0x6 mode=0700",
+                "mount /run/cocoon/containers/c1/layers/0 /dev/vdb erofs 0x5 -",
+                "mount /run/cocoon/containers/c1/layers/1 /dev/vdc erofs 0x5 -",
+                "mount /run/cocoon/containers/c1/rootfs overlay overlay 0x0 lowerdir=/run/cocoon/containers/c1/layers/1:/run/cocoon/containers/c1/layers/0,upperdir=/run/cocoon/containers/c1/upper,workdir=/run/cocoon/containers/c1/work",
+            ]
+        );
+        rootfs.unmount(&sys);
+        assert_eq!(
+            sys.calls_of("umount"),
+            [
+                "umount /run/cocoon/containers/c1/rootfs 0x2",
+                "umount /run/cocoon/containers/c1/layers/1 0x2",
+                "umount /run/cocoon/containers/c1/layers/0 0x2",
+                "umount /run/cocoon/containers/c1 0x2",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_layer_unmounts_what_was_mounted() {
+        let mut sys = Recorder::default();
+        sys.failing
+            .insert("mount /run/cocoon/containers/c1/layers/1".into());
+        let layers = [PathBuf::from("/dev/vdb"), PathBuf::from("/dev/vdc")];
+        let err = Rootfs::mount(&sys, "c1", &layers).unwrap_err();
+        assert!(err.to_string().contains("/dev/vdc"), "{err}");
+        assert_eq!(
+            sys.calls_of("umount"),
+            [
+                "umount /run/cocoon/containers/c1/layers/0 0x2",
+                "umount /run/cocoon/containers/c1 0x2",
+            ]
+        );
+    }
+
+    #[test]
+    fn layer_names_cannot_point_outside_dev() {
+        assert_eq!(layer_device("/dev/vdb").unwrap(), Path::new("/dev/vdb"));
+        for bad in [
+            "/dev/../etc/passwd",
+            "/dev/sda",
+            "vdb",
+            "/dev/vd",
+            "/dev/vdB",
+        ] {
+            assert!(
+                matches!(layer_device(bad), Err(RootfsError::BadLayerName(_))),
+                "{bad}"
+            );
+        }
+    }
+}

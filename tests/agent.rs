@@ -1,0 +1,528 @@
+//! The guest agent end to end: one VM booted with the busybox EROFS image as a disk, driven over
+//! vsock with the host's client library the way the runtime drives it. Each check is one
+//! container (or a few) with a behaviour a user relies on.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cocoon_agent_protocol::client::{AgentClient, ClientError, attach_stdio};
+use cocoon_agent_protocol::frame::{read_frame, write_frame};
+use cocoon_agent_protocol::message::{
+    ContainerStatus, CreateContainer, ErrorKind, ExecProcess, ExitStatus, ReplyEnvelope,
+    StdioConfig, StdioStream,
+};
+use oci_spec::runtime::{Process, Spec};
+use serde_json::{Value, json};
+
+use cocoon_tests::{ONE_VM_AT_A_TIME, RunningVm, Scratch, artifacts_or_skip, rootfs_or_skip};
+
+/// The capabilities runc's `spec` gives a container.
+const DEFAULT_CAPS: [&str; 8] = [
+    "CAP_AUDIT_WRITE",
+    "CAP_KILL",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_SETUID",
+    "CAP_SETGID",
+];
+
+/// What `runc spec` writes, running `args`.
+fn spec(args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": DEFAULT_CAPS, "effective": DEFAULT_CAPS, "permitted": DEFAULT_CAPS
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "cocoon",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+        ],
+        "linux": {
+            "resources": {},
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
+            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+fn to_spec(value: Value) -> Box<Spec> {
+    Box::new(serde_json::from_value(value).expect("the test spec is a valid OCI spec"))
+}
+
+fn reader(mut stream: UnixStream) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stream.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+struct Outcome {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+struct Guest {
+    uds: PathBuf,
+    disk: String,
+}
+
+impl Guest {
+    fn client(&self) -> AgentClient {
+        AgentClient::connect(&self.uds).expect("connect to the agent")
+    }
+
+    fn attach(&self, id: &str, exec_id: Option<&str>, stream: StdioStream) -> UnixStream {
+        attach_stdio(&self.uds, id, exec_id, stream).expect("attach a stdio stream")
+    }
+
+    fn create(&self, id: &str, spec: Value, stdio: StdioConfig) -> Result<i32, ClientError> {
+        self.client().create_container(CreateContainer {
+            container_id: id.into(),
+            spec: to_spec(spec),
+            layers: vec![self.disk.clone()],
+            stdio,
+        })
+    }
+
+    /// create, start, feed stdin, collect stdout and stderr, wait, remove: `runc run`.
+    fn run(&self, id: &str, spec: Value, stdin: Option<&[u8]>) -> Outcome {
+        let stdio = StdioConfig {
+            terminal: false,
+            stdin: stdin.is_some(),
+            stdout: true,
+            stderr: true,
+        };
+        let input = stdin.map(|_| self.attach(id, None, StdioStream::Stdin));
+        let stdout = reader(self.attach(id, None, StdioStream::Stdout));
+        let stderr = reader(self.attach(id, None, StdioStream::Stderr));
+        self.create(id, spec, stdio).expect("create");
+        let mut client = self.client();
+        client.start_container(id).expect("start");
+        if let (Some(mut input), Some(data)) = (input, stdin) {
+            input.write_all(data).expect("write stdin");
+            input.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let status = self.client().wait(id, None).expect("wait");
+        let outcome = Outcome {
+            status,
+            stdout: stdout.join().unwrap(),
+            stderr: stderr.join().unwrap(),
+        };
+        assert_eq!(client.state(id).unwrap().status, ContainerStatus::Stopped);
+        client.remove_container(id).expect("remove");
+        outcome
+    }
+
+    /// `sh -c SCRIPT` in a default container with `edit` applied to the spec.
+    fn sh(&self, id: &str, script: &str, edit: impl FnOnce(&mut Value)) -> Outcome {
+        let mut spec = spec(&["sh", "-c", script]);
+        edit(&mut spec);
+        self.run(id, spec, None)
+    }
+}
+
+fn exited(code: i32) -> ExitStatus {
+    ExitStatus {
+        code: Some(code),
+        signal: None,
+        oom_killed: false,
+    }
+}
+
+fn boot(scratch: &Scratch, rootfs: &Path) -> (RunningVm, Guest) {
+    let artifacts = artifacts_or_skip("agent").expect("checked by the caller");
+    let uds = scratch.path("vsock.sock");
+    let child = artifacts
+        .vmm_command(&[])
+        .args(["--console", scratch.path("console.log").to_str().unwrap()])
+        .args(["--memory", "256", "--cpus", "2"])
+        .args(["--disk", &format!("{},ro", rootfs.display())])
+        .args(["--vsock", &format!("3,{}", uds.display())])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the VMM");
+    let mut vm = RunningVm { child };
+    let client = AgentClient::connect_when_ready(&uds, Duration::from_secs(180));
+    vm.assert_running();
+    let info = client.expect("the agent answers").hello().unwrap();
+    assert_eq!(info.cpus, 2);
+    (
+        vm,
+        Guest {
+            uds,
+            disk: "/dev/vda".into(),
+        },
+    )
+}
+
+#[test]
+fn containers_run_in_the_guest_like_runc_runs_them() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if artifacts_or_skip("agent").is_none() {
+        return;
+    }
+    let Some(rootfs) = rootfs_or_skip("agent") else {
+        return;
+    };
+    let scratch = Scratch::new("agent");
+    let (_vm, guest) = boot(&scratch, &rootfs);
+
+    let hello = guest.run("echo", spec(&["echo", "hello from the guest"]), None);
+    assert_eq!(hello.stdout, "hello from the guest\n");
+    assert_eq!(hello.status, exited(0));
+
+    for code in [0, 1, 3] {
+        let out = guest.sh(&format!("exit{code}"), &format!("exit {code}"), |_| {});
+        assert_eq!(out.status, exited(code));
+    }
+
+    // Not PID 1 of a namespace of its own, which would be immune to its own SIGKILL (as under runc).
+    let killed = guest.sh("sigkill", "kill -9 $$", |s| {
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|ns| ns["type"] != "pid");
+    });
+    assert_eq!(killed.status.signal, Some(9));
+    assert_eq!(killed.status.shell_code(), 137);
+
+    let apart = guest.sh("streams", "echo to-out; echo to-err >&2", |_| {});
+    assert_eq!(
+        (apart.stdout.as_str(), apart.stderr.as_str()),
+        ("to-out\n", "to-err\n")
+    );
+
+    let piped = guest.run(
+        "stdin",
+        spec(&["tr", "a-z", "A-Z"]),
+        Some(b"piped through\n"),
+    );
+    assert_eq!(piped.stdout, "PIPED THROUGH\n");
+
+    let identity = guest.sh("identity", "hostname; echo $FOO; pwd; ulimit -n", |s| {
+        s["hostname"] = json!("box1");
+        s["process"]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("FOO=bar"));
+        s["process"]["cwd"] = json!("/tmp");
+        s["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 456, "soft": 123}]);
+    });
+    assert_eq!(
+        identity.stdout, "box1\nbar\n/tmp\n123\n",
+        "stderr: {}",
+        identity.stderr
+    );
+
+    let read_only = guest.sh("readonly", "touch /x", |s| {
+        s["root"]["readonly"] = json!(true)
+    });
+    assert_eq!(read_only.status, exited(1));
+    assert!(
+        read_only.stderr.contains("Read-only file system"),
+        "{}",
+        read_only.stderr
+    );
+    let writable = guest.sh("writable", "touch /x && echo ok", |_| {});
+    assert_eq!(writable.stdout, "ok\n", "{}", writable.stderr);
+
+    let chown = "touch /tmp/f && chown 65534 /tmp/f && echo chowned";
+    let with_cap = guest.sh("chown-allowed", chown, |_| {});
+    assert_eq!(with_cap.stdout, "chowned\n", "{}", with_cap.stderr);
+    let without_cap = guest.sh("chown-denied", chown, |s| {
+        for set in ["bounding", "effective", "permitted"] {
+            s["process"]["capabilities"][set]
+                .as_array_mut()
+                .unwrap()
+                .retain(|c| c != "CAP_CHOWN");
+        }
+    });
+    assert_eq!(without_cap.status, exited(1));
+    assert!(
+        without_cap.stderr.contains("Operation not permitted"),
+        "{}",
+        without_cap.stderr
+    );
+
+    let seccomp = guest.sh("seccomp", "mkdir /tmp/d", |s| {
+        s["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]
+        });
+    });
+    assert_eq!(seccomp.status, exited(1));
+    assert!(
+        seccomp.stderr.contains("Operation not permitted"),
+        "{}",
+        seccomp.stderr
+    );
+
+    let oom = guest.sh("oom", "dd if=/dev/zero of=/dev/null bs=64M count=1", |s| {
+        s["linux"]["resources"]["memory"] = json!({"limit": 32 << 20});
+    });
+    assert_eq!(oom.status.signal, Some(9), "{}", oom.stderr);
+    assert!(oom.status.oom_killed, "an OOM kill is reported as such");
+
+    let pids = guest.sh(
+        "pids",
+        "sleep 2 & sleep 2 & sleep 2 & sleep 2 & wait",
+        |s| {
+            s["linux"]["resources"]["pids"] = json!({"limit": 3});
+        },
+    );
+    assert!(pids.stderr.contains("can't fork"), "{}", pids.stderr);
+
+    check_exec(&guest);
+    check_terminal(&guest);
+    check_errors(&guest);
+    check_nothing_left_behind(&guest);
+}
+
+/// A long-running container, a process exec'd into it, signals, stats and the process list.
+fn check_exec(guest: &Guest) {
+    let id = "long";
+    let out = reader(guest.attach(id, None, StdioStream::Stdout));
+    let stdio = StdioConfig {
+        stdout: true,
+        ..StdioConfig::default()
+    };
+    guest
+        .create(
+            id,
+            spec(&["sh", "-c", "echo state > /tmp/shared; exec sleep 600"]),
+            stdio,
+        )
+        .unwrap();
+    let mut client = guest.client();
+    assert_eq!(client.state(id).unwrap().status, ContainerStatus::Created);
+    client.start_container(id).unwrap();
+    assert_eq!(client.state(id).unwrap().status, ContainerStatus::Running);
+
+    let exec_out = reader(guest.attach(id, Some("e1"), StdioStream::Stdout));
+    let process: Process = serde_json::from_value(json!({
+        "user": {"uid": 0, "gid": 0},
+        "args": ["sh", "-c", "sleep 1; cat /tmp/shared; hostname; echo $$; exit 5"],
+        "env": ["PATH=/bin"],
+        "cwd": "/"
+    }))
+    .unwrap();
+    client
+        .exec_process(ExecProcess {
+            container_id: id.into(),
+            exec_id: "e1".into(),
+            process: Box::new(process),
+            stdio: stdio,
+        })
+        .unwrap();
+    assert_eq!(guest.client().wait(id, Some("e1")).unwrap(), exited(5));
+    let lines: Vec<String> = exec_out.join().unwrap().lines().map(String::from).collect();
+    assert_eq!(
+        lines[..2],
+        ["state", "cocoon"],
+        "the exec sees the container's files and hostname"
+    );
+    let pid: i32 = lines[2].parse().expect("a pid");
+    assert!(
+        pid > 1,
+        "the exec is in the container's pid namespace, not its init"
+    );
+
+    let processes = client.list_processes(id).unwrap();
+    assert_eq!(processes.len(), 1, "{processes:?}");
+    let stats = client.stats(id).unwrap();
+    assert!(
+        stats.memory_current > 0 && stats.pids_current == 1,
+        "{stats:?}"
+    );
+
+    client.signal(id, None, libc::SIGKILL, false).unwrap();
+    assert_eq!(guest.client().wait(id, None).unwrap().shell_code(), 137);
+    assert_eq!(out.join().unwrap(), "");
+    client.remove_container(id).unwrap();
+}
+
+/// A terminal: one stream both ways, a size set before start seen by `stty size`.
+fn check_terminal(guest: &Guest) {
+    let id = "tty";
+    let mut tty = guest.attach(id, None, StdioStream::Terminal);
+    let mut spec = spec(&[
+        "sh",
+        "-c",
+        "stty size; test -t 0 && echo is-a-tty; read line; echo got $line",
+    ]);
+    spec["process"]["terminal"] = json!(true);
+    let stdio = StdioConfig {
+        terminal: true,
+        ..StdioConfig::default()
+    };
+    guest.create(id, spec, stdio).unwrap();
+    let mut client = guest.client();
+    client.resize_terminal(id, None, 40, 100).unwrap();
+    client.start_container(id).unwrap();
+    tty.write_all(b"typed\n").unwrap();
+    let status = guest.client().wait(id, None).unwrap();
+    let mut screen = String::new();
+    tty.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = tty.read_to_string(&mut screen);
+    assert_eq!(status, exited(0), "{screen}");
+    assert!(screen.contains("40 100"), "{screen:?}");
+    assert!(screen.contains("is-a-tty"), "{screen:?}");
+    assert!(screen.contains("got typed"), "{screen:?}");
+    client.remove_container(id).unwrap();
+}
+
+/// Bad requests get errors that say what is wrong, and change nothing.
+fn check_errors(guest: &Guest) {
+    let mut client = guest.client();
+    let kind = |r: Result<i32, ClientError>| match r {
+        Err(ClientError::Agent(e)) => (e.kind, e.message),
+        other => panic!("expected an agent error, got {other:?}"),
+    };
+    let (k, m) = kind(guest.create("../escape", spec(&["true"]), StdioConfig::default()));
+    assert_eq!(k, ErrorKind::InvalidArgument, "{m}");
+    let (k, m) = kind(guest.create("nobin", spec(&["no-such-program"]), StdioConfig::default()));
+    assert_eq!(k, ErrorKind::Failed);
+    assert!(m.contains("executable file not found"), "{m}");
+    let (k, _) = kind(client.start_container("nobin").map(|_| 0));
+    assert_eq!(k, ErrorKind::NotFound);
+
+    guest
+        .create("dup", spec(&["true"]), StdioConfig::default())
+        .unwrap();
+    let (k, _) = kind(guest.create("dup", spec(&["true"]), StdioConfig::default()));
+    assert_eq!(k, ErrorKind::AlreadyExists);
+    client.remove_container("dup").unwrap();
+
+    let (k, m) = kind(guest.create(
+        "nostream",
+        spec(&["true"]),
+        StdioConfig {
+            stdout: true,
+            ..StdioConfig::default()
+        },
+    ));
+    assert_eq!(k, ErrorKind::InvalidArgument);
+    assert!(m.contains("not attached"), "{m}");
+
+    // Malformed JSON in a well-formed frame: an error reply, and the connection still works.
+    let stream = client.stream();
+    stream.write_all(&5u32.to_be_bytes()).unwrap();
+    stream.write_all(b"{nope").unwrap();
+    let reply: ReplyEnvelope = read_frame(stream).unwrap();
+    assert_eq!(reply.result.unwrap_err().kind, ErrorKind::BadRequest);
+    write_frame(
+        stream,
+        &json!({"version": 99, "id": 4, "request": {"method": "hello"}}),
+    )
+    .unwrap();
+    let reply: ReplyEnvelope = read_frame(stream).unwrap();
+    assert_eq!(
+        (reply.id, reply.result.unwrap_err().kind),
+        (4, ErrorKind::Version)
+    );
+    client.hello().unwrap();
+
+    // An oversized frame: refused before reading it, and the connection closed.
+    let mut raw = guest.client();
+    let stream = raw.stream();
+    stream.write_all(&(64u32 << 20).to_be_bytes()).unwrap();
+    let reply: ReplyEnvelope = read_frame(stream).unwrap();
+    assert_eq!(reply.result.unwrap_err().kind, ErrorKind::BadRequest);
+    assert!(
+        read_frame::<_, ReplyEnvelope>(stream).is_err(),
+        "the connection is closed"
+    );
+    guest.client().hello().unwrap();
+}
+
+/// What the guest holds besides the given container: container mounts, cgroups and processes,
+/// seen through the guest's own /proc and cgroup tree bind-mounted into an inspector.
+fn leftovers(guest: &Guest, inspector: &str) -> String {
+    // Builtins only in the loop, so the listing holds no process of the inspector but its shell.
+    let script = format!(
+        "grep -o ' /run/cocoon/containers/[^/ ]*' /guest/proc/1/mounts | sort -u | grep -v '/{inspector}$'; \
+         ls /guest/cgroup/containers | grep -vx {inspector}; \
+         for p in /guest/proc/[0-9]*; do [ -s $p/cmdline ] && read c < $p/comm && echo $c; done > /tmp/procs; \
+         sort /tmp/procs | uniq -c"
+    );
+    let mut spec = spec(&["sh", "-c", &script]);
+    spec["mounts"].as_array_mut().unwrap().extend([
+        json!({"destination": "/guest/proc", "type": "bind", "source": "/proc", "options": ["rbind"]}),
+        json!({"destination": "/guest/cgroup", "type": "bind", "source": "/sys/fs/cgroup", "options": ["rbind"]}),
+    ]);
+    let out = guest.run(inspector, spec, None);
+    out.stdout
+}
+
+fn check_nothing_left_behind(guest: &Guest) {
+    let before = leftovers(guest, "inspect1");
+    for i in 0..10 {
+        let out = guest.sh(&format!("seq{i}"), "echo $$", |_| {});
+        assert_eq!(
+            out.stdout, "1\n",
+            "each container is PID 1 of its own namespace"
+        );
+    }
+    // Two at once: both running, then both gone.
+    let ids = ["both1", "both2"];
+    for id in ids {
+        guest
+            .create(id, spec(&["sleep", "600"]), StdioConfig::default())
+            .unwrap();
+        guest.client().start_container(id).unwrap();
+    }
+    for id in ids {
+        assert_eq!(
+            guest.client().state(id).unwrap().status,
+            ContainerStatus::Running
+        );
+    }
+    for id in ids {
+        guest.client().remove_container(id).unwrap();
+        assert!(matches!(
+            guest.client().state(id),
+            Err(ClientError::Agent(e)) if e.kind == ErrorKind::NotFound
+        ));
+    }
+    let after = leftovers(guest, "inspect2");
+    assert_eq!(
+        before, after,
+        "the guest holds something it did not hold before"
+    );
+    assert!(
+        !before.contains("seq") && !before.contains("both"),
+        "{before}"
+    );
+}
