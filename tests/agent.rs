@@ -343,7 +343,7 @@ fn check_exec(guest: &Guest) {
             container_id: id.into(),
             exec_id: "e1".into(),
             process: Box::new(process),
-            stdio: stdio,
+            stdio,
         })
         .unwrap();
     assert_eq!(guest.client().wait(id, Some("e1")).unwrap(), exited(5));
