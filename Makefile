@@ -62,6 +62,7 @@ bench: kernel initramfs rootfs vmm
 	python3 bench/boot.py
 	python3 bench/vsock.py
 	python3 bench/net.py
+	python3 bench/agent.py
 
 clean:
 	rm -rf $(BUILD) target

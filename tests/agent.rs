@@ -12,8 +12,8 @@ use std::time::Duration;
 use cocoon_agent_protocol::client::{AgentClient, ClientError, attach_stdio};
 use cocoon_agent_protocol::frame::{read_frame, write_frame};
 use cocoon_agent_protocol::message::{
-    ContainerStatus, CreateContainer, ErrorKind, ExecProcess, ExitStatus, ReplyEnvelope,
-    StdioConfig, StdioStream,
+    ContainerStatus, CreateContainer, ErrorKind, ExecProcess, ExitStatus, GuestSetup,
+    ReplyEnvelope, StdioConfig, StdioStream,
 };
 use oci_spec::runtime::{Process, Spec};
 use serde_json::{Value, json};
@@ -304,6 +304,56 @@ fn containers_run_in_the_guest_like_runc_runs_them() {
     );
     assert!(pids.stderr.contains("can't fork"), "{}", pids.stderr);
 
+    // The guest's identity from the host, seen by a container sharing the guest's uts namespace.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    guest
+        .client()
+        .setup_guest(GuestSetup {
+            hostname: Some("guest-from-host".into()),
+            realtime_ns: Some(now.as_nanos() as u64),
+            entropy: vec![7; 64],
+        })
+        .unwrap();
+    let identity = guest.sh("guest-identity", "hostname; date +%s", |s| {
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|ns| ns["type"] != "uts");
+    });
+    let mut lines = identity.stdout.lines();
+    assert_eq!(lines.next(), Some("guest-from-host"));
+    let guest_time: u64 = lines.next().and_then(|l| l.parse().ok()).expect("date +%s");
+    assert!(
+        guest_time.abs_diff(now.as_secs()) < 30,
+        "guest clock {guest_time}, host {}",
+        now.as_secs()
+    );
+
+    // A user namespace: root inside is uid 1000 of the guest.
+    let userns = guest.sh(
+        "userns",
+        "id -u; cat /proc/self/uid_map; touch /tmp/x && echo wrote",
+        |s| {
+            let namespaces = s["linux"]["namespaces"].as_array_mut().unwrap();
+            namespaces.extend([json!({"type": "user"}), json!({"type": "network"})]);
+            s["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 65536}]);
+            s["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 65536}]);
+        },
+    );
+    let fields: Vec<Vec<&str>> = userns
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        fields,
+        [vec!["0"], vec!["0", "1000", "65536"], vec!["wrote"]],
+        "{}",
+        userns.stderr
+    );
+
     check_exec(&guest);
     check_terminal(&guest);
     check_errors(&guest);
@@ -367,7 +417,26 @@ fn check_exec(guest: &Guest) {
         "{stats:?}"
     );
 
-    client.signal(id, None, libc::SIGKILL, false).unwrap();
+    // A signal to one exec'd process, then to every process of the container.
+    let sleeper: Process = serde_json::from_value(json!({
+        "user": {"uid": 0, "gid": 0}, "args": ["sleep", "600"], "cwd": "/"
+    }))
+    .unwrap();
+    client
+        .exec_process(ExecProcess {
+            container_id: id.into(),
+            exec_id: "e2".into(),
+            process: Box::new(sleeper),
+            stdio: StdioConfig::default(),
+        })
+        .unwrap();
+    assert_eq!(client.list_processes(id).unwrap().len(), 2);
+    client.signal(id, Some("e2"), libc::SIGTERM, false).unwrap();
+    assert_eq!(
+        guest.client().wait(id, Some("e2")).unwrap().shell_code(),
+        128 + libc::SIGTERM
+    );
+    client.signal(id, None, libc::SIGKILL, true).unwrap();
     assert_eq!(guest.client().wait(id, None).unwrap().shell_code(), 137);
     assert_eq!(out.join().unwrap(), "");
     client.remove_container(id).unwrap();
@@ -517,6 +586,7 @@ fn check_nothing_left_behind(guest: &Guest) {
         ));
     }
     let after = leftovers(guest, "inspect2");
+    eprintln!("the guest before and after 12 containers:\n{after}");
     assert_eq!(
         before, after,
         "the guest holds something it did not hold before"

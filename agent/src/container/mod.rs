@@ -261,6 +261,14 @@ fn init_body(
 ) -> Result<Infallible, String> {
     if flags & libc::CLONE_NEWUSER != 0 {
         gate.wait_for_id_maps();
+        // Still the agent's uid 0, which the new namespace does not map: become its root, or
+        // every file this process creates on the namespace's own mounts fails with EOVERFLOW.
+        sys.setgroups(&[])
+            .map_err(|e| format!("setgroups in the user namespace: {e}"))?;
+        sys.setresgid(0)
+            .map_err(|e| format!("setgid 0 in the user namespace: {e}"))?;
+        sys.setresuid(0)
+            .map_err(|e| format!("setuid 0 in the user namespace: {e}"))?;
     }
     if flags & libc::CLONE_NEWCGROUP != 0 {
         // Now, not at clone: the namespace's root is the cgroup the process is in.

@@ -87,8 +87,10 @@ impl Rootfs {
 
     fn mount_all(&mut self, sys: &dyn Syscall, layers: &[PathBuf]) -> Result<(), RootfsError> {
         let base = self.base.clone();
+        // Traversable by all (0711): the root of a user namespace is an unprivileged uid of
+        // the guest and must still reach its rootfs below these.
         for dir in [Path::new("/run/cocoon"), Path::new(CONTAINERS_DIR), &base] {
-            context(sys.mkdir(dir, 0o700), || {
+            context(sys.mkdir(dir, 0o711), || {
                 format!("create {}", dir.display())
             })?;
         }
@@ -99,7 +101,7 @@ impl Rootfs {
                 &base,
                 Some("tmpfs"),
                 libc::MS_NOSUID | libc::MS_NODEV,
-                Some("mode=0700"),
+                Some("mode=0711"),
             ),
             || format!("mount tmpfs on {}", base.display()),
         )?;
@@ -180,7 +182,7 @@ mod tests {
         assert_eq!(
             mounts,
             [
-                "mount /run/cocoon/containers/c1 tmpfs tmpfs 0x6 mode=0700",
+                "mount /run/cocoon/containers/c1 tmpfs tmpfs 0x6 mode=0711",
                 "mount /run/cocoon/containers/c1/layers/0 /dev/vdb erofs 0x5 -",
                 "mount /run/cocoon/containers/c1/layers/1 /dev/vdc erofs 0x5 -",
                 "mount /run/cocoon/containers/c1/rootfs overlay overlay 0x0 lowerdir=/run/cocoon/containers/c1/layers/1:/run/cocoon/containers/c1/layers/0,upperdir=/run/cocoon/containers/c1/upper,workdir=/run/cocoon/containers/c1/work",
