@@ -542,7 +542,7 @@ fn leftovers(guest: &Guest, inspector: &str) -> String {
     // Builtins only in the loop, so the listing holds no process of the inspector but its shell.
     let script = format!(
         "grep -o ' /run/cocoon/containers/[^/ ]*' /guest/proc/1/mounts | sort -u | grep -v '/{inspector}$'; \
-         ls /guest/cgroup/containers | grep -vx {inspector}; \
+         ls -d /guest/cgroup/containers/*/ | grep -v '/{inspector}/$'; \
          for p in /guest/proc/[0-9]*; do [ -s $p/cmdline ] && read c < $p/comm && echo $c; done > /tmp/procs; \
          sort /tmp/procs | uniq -c"
     );
