@@ -1,18 +1,64 @@
-//! `cocoon`: the runc-compatible OCI runtime CLI (each container a microVM).
+//! `cocoon`: an OCI runtime with runc's command line, where each container is a microVM.
 //!
-//! Not implemented yet: the VMM (`cocoon-vmm`) and the guest agent come first. Until then this
-//! binary refuses every command clearly instead of pretending to work.
+//! The verbs live in `cli/`, one file each; `monitor.rs` is the process that stands in for a
+//! container's init (it runs the VM); `state.rs` keeps the per-container record.
+
+mod bundle;
+mod cli;
+mod config;
+mod console;
+mod error;
+mod images;
+mod logging;
+mod monitor;
+mod signal;
+mod state;
 
 use std::process::ExitCode;
 
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--version" || a == "-v") {
-        println!("cocoon version {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+use clap::Parser;
+
+use cli::{Cli, Command};
+use error::CliError;
+
+fn dispatch(cli: &Cli) -> Result<(), CliError> {
+    let global = &cli.global;
+    match &cli.command {
+        Command::Create(args) => cli::create::create(global, args),
+        Command::Start { id } => cli::start::start(global, id),
+        Command::State { id } => cli::state::state(global, id),
+        Command::Kill { all, id, signal } => cli::kill::kill(global, id, signal, *all),
+        Command::Delete { force, id } => cli::delete::delete(global, id, *force),
+        Command::Run { create, detach, .. } => cli::run::run(global, create, *detach),
+        Command::Ps { format, id, .. } => cli::ps::ps(global, id, format),
+        Command::List { format, quiet } => cli::list::list(global, format, *quiet),
+        Command::Features => {
+            println!("{:#}", cli::features::features());
+            Ok(())
+        }
+        Command::Spec { bundle } => cli::spec::spec(bundle),
+        Command::Monitor { id } => {
+            state::check_id(id)?;
+            monitor::run(&global.root.join(id), id, monitor::report_file(), false)
+        }
     }
-    eprintln!(
-        "cocoon: the OCI runtime commands are not implemented yet; boot a microVM with cocoon-vmm"
-    );
-    ExitCode::from(1)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = logging::init(
+        cli.global.log.as_deref(),
+        cli.global.log_format,
+        cli.global.debug,
+    ) {
+        eprintln!("cocoon: cannot open the log: {e}");
+        return ExitCode::from(1);
+    }
+    match dispatch(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -121,12 +121,26 @@ pub fn run(
     started: Instant,
     started_wall: SystemTime,
 ) -> Result<RunOutcome, BuildError> {
+    run_with_signals(config, started, started_wall, true)
+}
+
+/// [`run`], with `stop_on_signals` saying whether SIGTERM, SIGINT and SIGHUP end the run. A
+/// caller that gives signals another meaning (the runtime forwards them to the container)
+/// passes false and handles them itself.
+pub fn run_with_signals(
+    config: &VmConfig,
+    started: Instant,
+    started_wall: SystemTime,
+    stop_on_signals: bool,
+) -> Result<RunOutcome, BuildError> {
     config.validate()?;
     let pvm_host = crate::host::is_pvm();
     let (lifecycle, ended) = Lifecycle::new(started, started_wall);
     let lifecycle = Arc::new(lifecycle);
-    // Before any other thread exists, so every thread inherits the blocked mask.
-    watch_stop_signals(lifecycle.clone())?;
+    if stop_on_signals {
+        // Before any other thread exists, so every thread inherits the blocked mask.
+        watch_stop_signals(lifecycle.clone())?;
+    }
 
     // KVM and guest memory.
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;

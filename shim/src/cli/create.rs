@@ -1,0 +1,170 @@
+//! `cocoon create`: boot the container's microVM and prepare its process, stopped before exec.
+//! The process that runs the VM (the monitor) is what `--pid-file` names.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use super::{CreateArgs, Global};
+use crate::bundle::{Bundle, vm_size};
+use crate::config::Config;
+use crate::error::CliError;
+use crate::images;
+use crate::monitor::{LAUNCH_FILE, Launch, REPORT_FD, read_report};
+use crate::state::{ContainerDir, Record, process_start_time, rfc3339, write_atomically};
+
+/// Everything before the monitor starts: bundle checked, directory made, images built,
+/// `launch.json` written. On error nothing is left behind.
+pub fn prepare(global: &Global, args: &CreateArgs) -> Result<(ContainerDir, Bundle), CliError> {
+    let config = Config::load()?;
+    let bundle = Bundle::load(&args.bundle)?;
+    bundle.require_process()?;
+    if bundle.terminal() && args.console_socket.is_none() {
+        return Err(CliError::Other(
+            "the process has a terminal: --console-socket is required".into(),
+        ));
+    }
+    let dir = ContainerDir::create(&global.root, &args.id)?;
+    match write_launch(&dir, &bundle, &config, args) {
+        Ok(()) => Ok((dir, bundle)),
+        Err(e) => {
+            let _ = dir.remove();
+            Err(e)
+        }
+    }
+}
+
+fn write_launch(
+    dir: &ContainerDir,
+    bundle: &Bundle,
+    config: &Config,
+    args: &CreateArgs,
+) -> Result<(), CliError> {
+    let layers = images::images_for(&bundle.rootfs, &config.layer_cache, &dir.path)?;
+    let (cpus, memory_mib) = vm_size(&bundle.spec, config);
+    let console_socket = args
+        .console_socket
+        .as_ref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+    let launch = Launch {
+        spec: bundle.spec.clone(),
+        images: layers.into_iter().map(|l| l.image).collect(),
+        console_socket,
+        cpus,
+        memory_mib,
+        kernel: config.kernel.clone(),
+        initrd: config.initrd.clone(),
+        boot_timeout_secs: config.boot_timeout_secs,
+    };
+    let json = serde_json::to_vec(&launch).map_err(|e| CliError::Other(e.to_string()))?;
+    write_atomically(&dir.file(LAUNCH_FILE), &json)
+}
+
+pub fn record(dir: &ContainerDir, bundle: &Bundle, pid: i32, started: bool) -> Record {
+    Record {
+        id: dir.id.clone(),
+        bundle: bundle.path.clone(),
+        rootfs: bundle.rootfs.clone(),
+        pid,
+        pid_start_time: process_start_time(pid).unwrap_or(0),
+        created: rfc3339(std::time::SystemTime::now()),
+        started,
+        annotations: bundle
+            .spec
+            .annotations()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+    }
+}
+
+pub fn write_pid_file(path: Option<&std::path::Path>, pid: i32) -> Result<(), CliError> {
+    match path {
+        Some(path) => write_atomically(path, pid.to_string().as_bytes()),
+        None => Ok(()),
+    }
+}
+
+/// Global flags for a child `cocoon` process, so it logs where this one does.
+fn global_args(global: &Global) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["--root".into(), global.root.clone().into()];
+    if let Some(log) = &global.log {
+        args.extend(["--log".into(), log.clone().into()]);
+    }
+    let format = match global.log_format {
+        crate::logging::LogFormat::Text => "text",
+        crate::logging::LogFormat::Json => "json",
+    };
+    args.extend(["--log-format".into(), format.into()]);
+    if global.debug {
+        args.push("--debug".into());
+    }
+    args
+}
+
+/// Starts the monitor for a prepared container and waits until it reports the container
+/// created. Returns the monitor's pid.
+fn spawn_monitor(global: &Global, dir: &ContainerDir) -> Result<i32, CliError> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid out-array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(CliError::Other(format!(
+            "pipe: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: pipe2 returned two new fds that nothing else owns.
+    let (report_read, report_write) =
+        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    let write_fd = report_write.as_raw_fd();
+    let exe = std::env::current_exe().map_err(CliError::io("find", "/proc/self/exe"))?;
+    let mut command = Command::new(exe);
+    command
+        .args(global_args(global))
+        .arg("monitor")
+        .arg(&dir.id)
+        .env("COCOON_REPORT_FD", REPORT_FD.to_string());
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid, dup2, fcntl.
+    unsafe {
+        command.pre_exec(move || {
+            // A session of its own: the engine's terminal signals do not reach it directly.
+            libc::setsid();
+            if write_fd == REPORT_FD {
+                libc::fcntl(REPORT_FD, libc::F_SETFD, 0);
+            } else if libc::dup2(write_fd, REPORT_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command
+        .spawn()
+        .map_err(|e| CliError::Other(format!("start the monitor: {e}")))?;
+    drop(report_write);
+    let pid = child.id() as i32;
+    match read_report(report_read) {
+        Ok(()) => Ok(pid),
+        Err(message) => {
+            // SAFETY: kill(2) on the monitor we just started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let mut child = child;
+            let _ = child.wait();
+            Err(CliError::Other(message))
+        }
+    }
+}
+
+pub fn create(global: &Global, args: &CreateArgs) -> Result<(), CliError> {
+    let (dir, bundle) = prepare(global, args)?;
+    let result = spawn_monitor(global, &dir).and_then(|pid| {
+        dir.write(&record(&dir, &bundle, pid, false))?;
+        write_pid_file(args.pid_file.as_deref(), pid)
+    });
+    if let Err(e) = result {
+        let _ = dir.remove();
+        return Err(e);
+    }
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! `cocoon delete`: remove a stopped container; with `--force`, stop it first. Afterwards no
+//! process, socket, image or state of it is left.
+
+use std::time::{Duration, Instant};
+
+use super::Global;
+use crate::error::CliError;
+use crate::state::{ContainerDir, Status, monitor_alive, status};
+
+pub fn delete(global: &Global, id: &str, force: bool) -> Result<(), CliError> {
+    let dir = match ContainerDir::open(&global.root, id) {
+        Ok(dir) => dir,
+        Err(CliError::NotExist(_)) if force => {
+            // A create that crashed half-way leaves a directory without a record.
+            crate::state::check_id(id)?;
+            let _ = std::fs::remove_dir_all(global.root.join(id));
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let record = dir.read()?;
+    let current = status(&dir.path, &record);
+    if current == Status::Running && !force {
+        return Err(CliError::NotStopped(id.into(), current.name()));
+    }
+    if monitor_alive(&record) {
+        // The monitor is the VM: killing it stops the guest and everything in it.
+        // SAFETY: kill(2) on the pid the record names, checked to be our monitor just above.
+        unsafe { libc::kill(record.pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while monitor_alive(&record) {
+            if Instant::now() > deadline {
+                return Err(CliError::Other(format!(
+                    "container {id}'s process {} did not die",
+                    record.pid
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    dir.remove()
+}

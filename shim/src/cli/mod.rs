@@ -1,0 +1,204 @@
+//! The command line, as runc has it: global flags, then one verb per file in this folder.
+
+pub mod create;
+pub mod delete;
+pub mod features;
+pub mod kill;
+pub mod list;
+pub mod ps;
+pub mod run;
+pub mod spec;
+pub mod start;
+pub mod state;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+/// cocoon: an OCI runtime that runs every container in its own KVM microVM, with runc's
+/// command line.
+#[derive(Parser, Debug)]
+#[command(name = "cocoon", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Directory for the state of containers.
+    #[arg(long, global = true, default_value = "/run/cocoon", value_name = "DIR")]
+    pub root: PathBuf,
+    /// Write logs to this file instead of stderr.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log debug messages too.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Accepted for runc compatibility; cgroups are the guest's own.
+    #[arg(long, global = true)]
+    pub systemd_cgroup: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long, global = true, value_name = "VALUE", num_args = 0..=1, default_missing_value = "true")]
+    pub rootless: Option<String>,
+    /// Accepted for runc compatibility; checkpointing is not supported.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub criu: Option<PathBuf>,
+}
+
+/// Flags of `create` and `run`.
+#[derive(Args, Debug, Clone)]
+pub struct CreateArgs {
+    /// Path to the bundle directory.
+    #[arg(short, long, default_value = ".", value_name = "DIR")]
+    pub bundle: PathBuf,
+    /// A Unix socket that receives the pty master when the process has a terminal.
+    #[arg(long, value_name = "PATH")]
+    pub console_socket: Option<PathBuf>,
+    /// Write the pid of the container's process (the microVM) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// Accepted for runc compatibility (the guest always pivots).
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    /// Accepted for runc compatibility; extra fds are not passed into the VM.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub preserve_fds: u32,
+    /// The container id.
+    pub id: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a container: boot its microVM and prepare the process, stopped before exec.
+    Create(CreateArgs),
+    /// Run the process of a created container.
+    Start { id: String },
+    /// Print the state of a container as JSON (OCI runtime spec).
+    State { id: String },
+    /// Send a signal (default SIGTERM) to the container's init process, or with --all to all
+    /// of its processes.
+    Kill {
+        /// Signal every process of the container.
+        #[arg(short, long)]
+        all: bool,
+        id: String,
+        #[arg(default_value = "SIGTERM")]
+        signal: String,
+    },
+    /// Remove a stopped container (with --force, stop it first).
+    Delete {
+        #[arg(short, long)]
+        force: bool,
+        id: String,
+    },
+    /// Create and start a container; without --detach, wait for it and exit with its status.
+    Run {
+        #[command(flatten)]
+        create: CreateArgs,
+        /// Return once the container has started.
+        #[arg(short, long)]
+        detach: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// List the processes of a container (guest pids).
+    Ps {
+        #[arg(short, long, default_value = "table", value_name = "table|json")]
+        format: String,
+        id: String,
+        /// Accepted for runc compatibility (ps(1) options).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        ps_args: Vec<String>,
+    },
+    /// List containers.
+    List {
+        #[arg(short, long, default_value = "table", value_name = "table|json")]
+        format: String,
+        /// Print only the ids.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Print what this runtime supports, as JSON (OCI runtime features).
+    Features,
+    /// Write a default config.json to the bundle directory.
+    Spec {
+        #[arg(short, long, default_value = ".", value_name = "DIR")]
+        bundle: PathBuf,
+    },
+    /// Internal: the process that stands in for a container's init.
+    #[command(hide = true)]
+    Monitor { id: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("cocoon").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// The exact command lines containerd's runc shim and Podman issue (ENGINE-FACTS.md).
+    #[test]
+    fn engine_command_lines_parse() {
+        let cli = parse(&[
+            "--root",
+            "/run/containerd/runc/default",
+            "--log",
+            "/b/log.json",
+            "--log-format",
+            "json",
+            "create",
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/b/init.pid",
+            "c1",
+        ]);
+        assert!(
+            matches!(cli.command, Command::Create(ref a) if a.id == "c1" && a.pid_file.is_some())
+        );
+        assert_eq!(cli.global.log_format, LogFormat::Json);
+        let cli = parse(&["--systemd-cgroup", "kill", "--all", "c1", "9"]);
+        assert!(
+            matches!(cli.command, Command::Kill { all: true, ref signal, .. } if signal == "9")
+        );
+        let cli = parse(&["delete", "--force", "c1"]);
+        assert!(matches!(cli.command, Command::Delete { force: true, .. }));
+        // runc's `spec --rootless` lands on the global flag, which is accepted and ignored.
+        let cli = parse(&["spec", "--rootless"]);
+        assert!(matches!(cli.command, Command::Spec { .. }));
+        assert_eq!(cli.global.rootless.as_deref(), Some("true"));
+        parse(&[
+            "create",
+            "--bundle",
+            "/b",
+            "--console-socket",
+            "/tmp/pty.sock",
+            "--no-pivot",
+            "c1",
+        ]);
+        parse(&["run", "-d", "--bundle", "/b", "c1"]);
+        parse(&["ps", "--format", "json", "c1"]);
+        parse(&["list", "-q"]);
+    }
+}

@@ -1,0 +1,27 @@
+//! `cocoon ps`: the container's processes, as guest pids (they live in the VM's kernel).
+
+use cocoon_agent_protocol::client::AgentClient;
+
+use super::Global;
+use crate::error::CliError;
+use crate::state::{ContainerDir, Status, VSOCK_SOCKET, status};
+
+pub fn ps(global: &Global, id: &str, format: &str) -> Result<(), CliError> {
+    let dir = ContainerDir::open(&global.root, id)?;
+    let record = dir.read()?;
+    if status(&dir.path, &record) == Status::Stopped {
+        return Err(CliError::Other("container not running".into()));
+    }
+    let pids = AgentClient::connect(&dir.file(VSOCK_SOCKET))?.list_processes(id)?;
+    match format {
+        "json" => println!("{}", serde_json::to_string(&pids).unwrap_or_default()),
+        "table" => {
+            println!("PID");
+            for pid in pids {
+                println!("{pid}");
+            }
+        }
+        other => return Err(CliError::Other(format!("invalid format option {other:?}"))),
+    }
+    Ok(())
+}

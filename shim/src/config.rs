@@ -1,0 +1,101 @@
+//! The runtime's own settings: built-in defaults, overridden by `/etc/cocoon/config.toml`
+//! (or the file `COCOON_CONFIG` names), then by `COCOON_KERNEL`/`COCOON_INITRD` for development.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG: &str = "/etc/cocoon/config.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The guest kernel (uncompressed vmlinux with a PVH entry).
+    pub kernel: PathBuf,
+    /// The initramfs with the agent as /init.
+    pub initrd: PathBuf,
+    /// Guest memory when the spec sets no memory limit.
+    pub default_memory_mib: u64,
+    /// Added to the spec's memory limit: the guest kernel and agent live outside the container's
+    /// cgroup.
+    pub memory_overhead_mib: u64,
+    /// vCPUs when the spec sets no CPU quota.
+    pub default_cpus: u8,
+    /// Where EROFS images of image layers are cached, shared by all containers.
+    pub layer_cache: PathBuf,
+    /// Seconds to wait for the guest agent to answer after the VM starts.
+    pub boot_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            kernel: PathBuf::from("/usr/local/lib/cocoon/vmlinux"),
+            initrd: PathBuf::from("/usr/local/lib/cocoon/initramfs.cpio"),
+            default_memory_mib: 256,
+            memory_overhead_mib: 64,
+            default_cpus: 1,
+            layer_cache: PathBuf::from("/var/lib/cocoon/layers"),
+            boot_timeout_secs: 180,
+        }
+    }
+}
+
+impl Config {
+    pub fn load() -> Result<Config, ConfigError> {
+        let explicit = std::env::var_os("COCOON_CONFIG").map(PathBuf::from);
+        let path = explicit
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => Config::parse(&path, &text)?,
+            // The file is optional unless named explicitly.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
+                Config::default()
+            }
+            Err(e) => return Err(ConfigError::Read(path, e)),
+        };
+        if let Some(kernel) = std::env::var_os("COCOON_KERNEL") {
+            config.kernel = kernel.into();
+        }
+        if let Some(initrd) = std::env::var_os("COCOON_INITRD") {
+            config.initrd = initrd.into();
+        }
+        Ok(config)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_owned(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_overrides_some_defaults() {
+        let c = Config::parse(
+            Path::new("t"),
+            "default_memory_mib = 512\nkernel = \"/k\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.default_memory_mib, 512);
+        assert_eq!(c.kernel, Path::new("/k"));
+        assert_eq!(c.default_cpus, Config::default().default_cpus);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = Config::parse(Path::new("t"), "memory = 1\n").unwrap_err();
+        assert!(e.to_string().contains("memory"), "{e}");
+    }
+}

@@ -1,0 +1,226 @@
+//! The bundle's root filesystem as read-only EROFS block images for the VM.
+//!
+//! When the rootfs is an overlay mount (how Podman and containerd hand it over), each lower
+//! layer becomes its own image in a cache shared by all containers, keyed by the layer
+//! directory's identity, and only the upper layer is imaged per container. Otherwise the
+//! directory becomes one image. Images are written under a temporary name and renamed into
+//! place, so a crashed or concurrent build never leaves a half-written entry behind.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cocoon_agent_protocol::boot_check::Fnv1a64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("mkfs.erofs failed for {dir}: {message}")]
+    Mkfs { dir: PathBuf, message: String },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImageError {
+    let path = path.to_owned();
+    move |source| ImageError::Io { what, path, source }
+}
+
+/// One image the VM gets as a read-only disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    pub image: PathBuf,
+    /// Whether the image belongs to this container (removed with it) or to the shared cache.
+    pub owned: bool,
+}
+
+/// The layers of an overlay mount, lowest first, then the upper directory.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Overlay {
+    pub lower: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value =
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The overlay mounted at `dir`, from the text of /proc/self/mountinfo.
+pub fn find_overlay(mountinfo: &str, dir: &Path) -> Option<Overlay> {
+    // The last mount at a path is the one visible there.
+    let line = mountinfo.lines().rev().find(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        fields
+            .get(4)
+            .is_some_and(|m| Path::new(&unescape(m)) == dir)
+    })?;
+    let (_, after) = line.split_once(" - ")?;
+    let mut parts = after.split(' ');
+    if parts.next()? != "overlay" {
+        return None;
+    }
+    let options = parts.nth(1)?;
+    let mut lower = Vec::new();
+    let mut upper = None;
+    for option in options.split(',') {
+        if let Some(list) = option.strip_prefix("lowerdir=") {
+            // overlayfs lists the top layer first.
+            lower = list
+                .split(':')
+                .rev()
+                .map(|p| PathBuf::from(unescape(p)))
+                .collect();
+        } else if let Some(path) = option.strip_prefix("upperdir=") {
+            upper = Some(PathBuf::from(unescape(path)));
+        }
+    }
+    (!lower.is_empty()).then_some(Overlay { lower, upper })
+}
+
+/// Builds `dir` into an EROFS image at `image`, via a temporary file and a rename.
+pub fn build_image(dir: &Path, image: &Path) -> Result<(), ImageError> {
+    let tmp = image.with_extension(format!("tmp.{}", std::process::id()));
+    let output = Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg("-T0")
+        .arg(&tmp)
+        .arg(dir)
+        .output()
+        .map_err(io("run mkfs.erofs for", dir))?;
+    if !output.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ImageError::Mkfs {
+            dir: dir.to_owned(),
+            message: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    std::fs::rename(&tmp, image).map_err(io("rename", image))
+}
+
+/// A cache key for a layer directory: its canonical path and the identity of its inode. A
+/// layer that is deleted and recreated at the same path gets a new inode or ctime, so a new key.
+fn layer_key(dir: &Path) -> Result<String, ImageError> {
+    let canonical = std::fs::canonicalize(dir).map_err(io("resolve layer", dir))?;
+    let meta = std::fs::metadata(&canonical).map_err(io("stat layer", &canonical))?;
+    let mut hash = Fnv1a64::default();
+    hash.update(canonical.as_os_str().as_encoded_bytes());
+    for n in [
+        meta.dev(),
+        meta.ino(),
+        meta.ctime() as u64,
+        meta.ctime_nsec() as u64,
+    ] {
+        hash.update(&n.to_le_bytes());
+    }
+    Ok(format!("{:016x}", hash.finish()))
+}
+
+fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none())
+}
+
+/// The images for `rootfs`, lowest first: cached layer images plus the upper layer's image
+/// when the rootfs is an overlay, else one image of the directory at `own_dir/rootfs.erofs`.
+pub fn images_for(rootfs: &Path, cache: &Path, own_dir: &Path) -> Result<Vec<Layer>, ImageError> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(overlay) = find_overlay(&mountinfo, rootfs) else {
+        let image = own_dir.join("rootfs.erofs");
+        build_image(rootfs, &image)?;
+        return Ok(vec![Layer { image, owned: true }]);
+    };
+    std::fs::create_dir_all(cache).map_err(io("create", cache))?;
+    let mut layers = Vec::new();
+    for lower in &overlay.lower {
+        let image = cache.join(format!("{}.erofs", layer_key(lower)?));
+        if !image.exists() {
+            build_image(lower, &image)?;
+        }
+        layers.push(Layer {
+            image,
+            owned: false,
+        });
+    }
+    if let Some(upper) = overlay.upper.filter(|u| !is_empty_dir(u)) {
+        let image = own_dir.join("upper.erofs");
+        build_image(&upper, &image)?;
+        layers.push(Layer { image, owned: true });
+    }
+    Ok(layers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+90 22 0:50 / /var/lib/containers/storage/overlay/abc/merged rw,nodev,relatime - overlay overlay rw,lowerdir=/var/lib/containers/storage/overlay/l/TOP:/var/lib/containers/storage/overlay/l/BASE,upperdir=/var/lib/containers/storage/overlay/abc/diff,workdir=/var/lib/containers/storage/overlay/abc/work
+91 22 0:51 / /run/with\\040space rw - overlay overlay rw,lowerdir=/l\\040a,upperdir=/u,workdir=/w
+";
+
+    #[test]
+    fn overlay_layers_come_out_lowest_first() {
+        let overlay = find_overlay(
+            MOUNTINFO,
+            Path::new("/var/lib/containers/storage/overlay/abc/merged"),
+        )
+        .unwrap();
+        assert_eq!(
+            overlay.lower,
+            [
+                PathBuf::from("/var/lib/containers/storage/overlay/l/BASE"),
+                PathBuf::from("/var/lib/containers/storage/overlay/l/TOP")
+            ]
+        );
+        assert_eq!(
+            overlay.upper,
+            Some(PathBuf::from(
+                "/var/lib/containers/storage/overlay/abc/diff"
+            ))
+        );
+    }
+
+    #[test]
+    fn escaped_paths_and_non_overlays() {
+        let overlay = find_overlay(MOUNTINFO, Path::new("/run/with space")).unwrap();
+        assert_eq!(overlay.lower, [PathBuf::from("/l a")]);
+        assert_eq!(find_overlay(MOUNTINFO, Path::new("/")), None);
+        assert_eq!(find_overlay(MOUNTINFO, Path::new("/elsewhere")), None);
+    }
+
+    #[test]
+    fn layer_keys_change_when_the_layer_is_recreated() {
+        let dir = std::env::temp_dir().join(format!("cocoon-layer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = layer_key(&dir).unwrap();
+        assert_eq!(first, layer_key(&dir).unwrap());
+        std::fs::remove_dir(&dir).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_ne!(first, layer_key(&dir).unwrap());
+        std::fs::remove_dir(&dir).unwrap();
+    }
+}

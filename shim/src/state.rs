@@ -1,0 +1,278 @@
+//! The runtime's record of a container: one directory per container under `--root`, holding
+//! `state.json`, the VMM's vsock socket, the container's own images and, once it has exited,
+//! `exit.json`. Verbs that change a container hold an exclusive lock on the directory.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use cocoon_agent_protocol::message::{ExitStatus, valid_id};
+
+use crate::error::CliError;
+
+pub const STATE_FILE: &str = "state.json";
+pub const EXIT_FILE: &str = "exit.json";
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+
+/// What `create` records and the other verbs read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub rootfs: PathBuf,
+    /// The process standing in for the container's init: the VMM.
+    pub pid: i32,
+    /// Its start time in clock ticks since boot (/proc/PID/stat field 22), so a recycled pid
+    /// is not mistaken for it.
+    pub pid_start_time: u64,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub started: bool,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Created,
+    Running,
+    Stopped,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Stopped => "stopped",
+        }
+    }
+}
+
+pub fn check_id(id: &str) -> Result<(), CliError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(CliError::InvalidId(id.to_owned()))
+    }
+}
+
+/// A container's directory, locked for as long as this value lives.
+pub struct ContainerDir {
+    pub path: PathBuf,
+    pub id: String,
+    _lock: File,
+}
+
+fn lock(dir: &Path) -> Result<File, CliError> {
+    let file = File::open(dir).map_err(CliError::io("open", dir))?;
+    // SAFETY: flock on an fd we own; blocks until other verbs on this container finish.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(CliError::io("lock", dir)(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+impl ContainerDir {
+    /// Creates the directory of a new container; an existing one is a duplicate id.
+    pub fn create(root: &Path, id: &str) -> Result<ContainerDir, CliError> {
+        check_id(id)?;
+        std::fs::create_dir_all(root).map_err(CliError::io("create", root))?;
+        let path = root.join(id);
+        match std::fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(CliError::Exists(id.into()));
+            }
+            Err(e) => return Err(CliError::io("create", &path)(e)),
+        }
+        let lock = lock(&path)?;
+        Ok(ContainerDir {
+            path,
+            id: id.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    /// Opens and locks an existing container's directory.
+    pub fn open(root: &Path, id: &str) -> Result<ContainerDir, CliError> {
+        check_id(id)?;
+        let path = root.join(id);
+        if !path.is_dir() {
+            return Err(CliError::NotExist(id.into()));
+        }
+        let lock = lock(&path)?;
+        // A directory without a record is a create that has not finished, or crashed.
+        if !path.join(STATE_FILE).exists() {
+            return Err(CliError::NotExist(id.into()));
+        }
+        Ok(ContainerDir {
+            path,
+            id: id.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn read(&self) -> Result<Record, CliError> {
+        read_record(&self.path)
+    }
+
+    /// Writes the record atomically: a reader sees the old one or the new one.
+    pub fn write(&self, record: &Record) -> Result<(), CliError> {
+        write_atomically(
+            &self.file(STATE_FILE),
+            &serde_json::to_vec_pretty(record).map_err(|e| CliError::Other(e.to_string()))?,
+        )
+    }
+
+    pub fn remove(self) -> Result<(), CliError> {
+        std::fs::remove_dir_all(&self.path).map_err(CliError::io("remove", &self.path))
+    }
+}
+
+pub fn read_record(dir: &Path) -> Result<Record, CliError> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read(&path).map_err(CliError::io("read", &path))?;
+    serde_json::from_slice(&text)
+        .map_err(|e| CliError::Other(format!("corrupt {}: {e}", path.display())))
+}
+
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), CliError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp).map_err(CliError::io("create", &tmp))?;
+    file.write_all(contents)
+        .map_err(CliError::io("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(CliError::io("rename", path))
+}
+
+pub fn read_exit(dir: &Path) -> Option<ExitStatus> {
+    let text = std::fs::read(dir.join(EXIT_FILE)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Field 22 of /proc/PID/stat, or `None` when the process is gone.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the record's process is still the one `create` started (a zombie counts as gone).
+pub fn monitor_alive(record: &Record) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", record.pid)) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    state != Some("Z") && process_start_time(record.pid) == Some(record.pid_start_time)
+}
+
+pub fn status(dir: &Path, record: &Record) -> Status {
+    if read_exit(dir).is_some() || !monitor_alive(record) {
+        Status::Stopped
+    } else if record.started {
+        Status::Running
+    } else {
+        Status::Created
+    }
+}
+
+/// Every container directory under `root` that has a record, sorted by id.
+pub fn list(root: &Path) -> Vec<(PathBuf, Record)> {
+    let mut found: Vec<(PathBuf, Record)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let dir = entry.path();
+            read_record(&dir).ok().map(|record| (dir, record))
+        })
+        .collect();
+    found.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+    found
+}
+
+/// `SystemTime` as RFC 3339 in UTC with nanoseconds, as runc's `created`.
+pub fn rfc3339(time: std::time::SystemTime) -> String {
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_nanos()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000000Z");
+        let t = UNIX_EPOCH + Duration::new(1_709_210_096, 5);
+        assert_eq!(rfc3339(t), "2024-02-29T12:34:56.000000005Z");
+    }
+
+    #[test]
+    fn ids_and_duplicates() {
+        let root = std::env::temp_dir().join(format!("cocoon-state-{}", std::process::id()));
+        for bad in ["", ".", "..", "a/b", "../x"] {
+            assert!(
+                matches!(
+                    ContainerDir::create(&root, bad),
+                    Err(CliError::InvalidId(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let dir = ContainerDir::create(&root, "c1").unwrap();
+        assert!(matches!(
+            ContainerDir::create(&root, "c1"),
+            Err(CliError::Exists(_))
+        ));
+        // No record yet: the other verbs do not see it.
+        drop(dir);
+        assert!(matches!(
+            ContainerDir::open(&root, "c1"),
+            Err(CliError::NotExist(_))
+        ));
+        assert!(matches!(
+            ContainerDir::open(&root, "c2"),
+            Err(CliError::NotExist(_))
+        ));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn our_own_start_time_is_readable() {
+        assert!(process_start_time(std::process::id() as i32).is_some());
+        assert!(process_start_time(i32::MAX).is_none());
+    }
+}
