@@ -10,6 +10,7 @@ BUILD := $(CURDIR)/build
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/cocoon-agent
 VMM_BIN := target/release/cocoon-vmm
+COCOON_BIN := target/release/cocoon
 APT_PACKAGES := linux-source-6.1 linux-libc-dev build-essential flex bison bc libelf-dev cpio file \
 	qemu-system-x86 busybox-static erofs-utils e2fsprogs python3 iproute2 util-linux
 
@@ -17,10 +18,12 @@ export COCOON_KERNEL := $(BUILD)/vmlinux
 export COCOON_INITRD := $(BUILD)/initramfs.cpio
 export COCOON_VMM := $(CURDIR)/$(VMM_BIN)
 export COCOON_ROOTFS := $(BUILD)/busybox.erofs
+export COCOON_BUSYBOX_DIR := $(BUILD)/busybox-rootfs
+export COCOON_BIN := $(CURDIR)/$(COCOON_BIN)
 
-.PHONY: all deps kernel agent initramfs rootfs vmm demo test bench lint clean
+.PHONY: all deps kernel agent initramfs rootfs vmm cocoon demo test bench lint clean
 
-all: kernel initramfs rootfs vmm
+all: kernel initramfs rootfs vmm cocoon
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -47,18 +50,25 @@ rootfs: deps
 vmm:
 	cargo build --release -p cocoon-vmm
 
-demo: kernel initramfs vmm
-	@echo "booting a microVM (about 13 s on a PVM host, where guest kernel code is emulated)..."
-	$(VMM_BIN) --kernel $(COCOON_KERNEL) --initrd $(COCOON_INITRD) --console stdout --cmdline cocoon.check=1
+cocoon:
+	cargo build --release -p cocoon-shim
+
+demo: kernel initramfs rootfs cocoon
+	@images/make-bundle.sh $(COCOON_BIN) $(BUILD)/demo-bundle $(COCOON_BUSYBOX_DIR) \
+		sh -c 'echo "hello from a cocoon microVM: guest kernel $$(uname -r), host kernel '"$$(uname -r)"'"'
+	@echo "cocoon run: booting a microVM for the container (about 20 s on a PVM host, where guest kernel code is emulated)..."
+	@$(COCOON_BIN) --root $(BUILD)/run delete --force demo
+	$(COCOON_BIN) --root $(BUILD)/run run --bundle $(BUILD)/demo-bundle demo
+	@$(COCOON_BIN) --root $(BUILD)/run delete demo
 
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test: kernel initramfs rootfs vmm lint
+test: kernel initramfs rootfs vmm cocoon lint
 	cargo test --workspace -- --nocapture
 
-bench: kernel initramfs rootfs vmm
+bench: kernel initramfs rootfs vmm cocoon
 	python3 bench/boot.py
 	python3 bench/vsock.py
 	python3 bench/net.py

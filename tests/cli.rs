@@ -1,0 +1,298 @@
+//! `cocoon`, the runc-compatible CLI, used the way an engine uses runc: bundles in, a process
+//! with an exit status out. The bad-input checks need no VM; the lifecycle checks boot three.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, artifacts_or_skip, in_ci};
+
+fn cocoon_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("COCOON_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/cocoon"));
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        !in_ci(),
+        "{} is missing and CI=true requires the CLI tests",
+        path.display()
+    );
+    eprintln!("SKIPPED: {} is missing (run `make test`)", path.display());
+    None
+}
+
+fn busybox_dir() -> PathBuf {
+    std::env::var_os("COCOON_BUSYBOX_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/busybox-rootfs"))
+}
+
+struct Cocoon {
+    bin: PathBuf,
+    root: PathBuf,
+}
+
+impl Cocoon {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--root").arg(&self.root).args(args);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cocoon")
+    }
+
+    /// Runs a verb that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "cocoon {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a verb that must fail with status 1; returns its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(out.status.code(), Some(1), "cocoon {args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn state(&self, id: &str) -> Value {
+        serde_json::from_str(&self.ok(&["state", id])).expect("state is JSON")
+    }
+
+    fn containers(&self) -> Vec<String> {
+        std::fs::read_dir(&self.root)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A bundle running `args` in the busybox root filesystem.
+fn bundle(dir: &Path, args: &[&str]) -> PathBuf {
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/make-bundle.sh");
+    let bin = cocoon_binary().unwrap();
+    let status = Command::new(spec)
+        .arg(&bin)
+        .arg(dir)
+        .arg(busybox_dir())
+        .args(args)
+        .status()
+        .expect("make a bundle");
+    assert!(status.success());
+    dir.to_owned()
+}
+
+/// Whether `pid` runs. A zombie does not: whoever inherited it reaps it in its own time.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat[stat.rfind(')')? + 1..]
+                .split_whitespace()
+                .next()?
+                .to_owned();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let Some(bin) = cocoon_binary() else { return };
+    let scratch = Scratch::new("cli-bad");
+    let cocoon = Cocoon {
+        bin,
+        root: scratch.path("root"),
+    };
+    let good = scratch.path("good");
+    std::fs::create_dir_all(good.join("rootfs")).unwrap();
+    let spec = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"cwd":"/","user":{"uid":0,"gid":0},"args":["true"]}}"#;
+    std::fs::write(good.join("config.json"), spec).unwrap();
+    let long = "a".repeat(1025);
+    for id in ["..", "a/b", "../../etc", &long] {
+        let err = cocoon.fails(&["create", "--bundle", good.to_str().unwrap(), id]);
+        assert!(err.contains("invalid container id"), "{err}");
+    }
+
+    let bad = |name: &str, config: Option<&str>| {
+        let dir = scratch.path(name);
+        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        if let Some(config) = config {
+            std::fs::write(dir.join("config.json"), config).unwrap();
+        }
+        cocoon.fails(&["create", "--bundle", dir.to_str().unwrap(), name])
+    };
+    assert!(bad("noconfig", None).contains("config.json"));
+    assert!(bad("badjson", Some("{\"ociVersion\": ")).contains("invalid"));
+    assert!(bad("v2", Some(&spec.replace("1.0.2", "2.0.0"))).contains("unsupported ociVersion"));
+    assert!(
+        bad(
+            "noprocess",
+            Some(r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#)
+        )
+        .contains("no process")
+    );
+    let err = cocoon.fails(&["create", "--bundle", "/nonexistent/bundle", "x"]);
+    assert!(err.contains("/nonexistent/bundle"), "{err}");
+    assert!(
+        cocoon.containers().is_empty(),
+        "left behind: {:?}",
+        cocoon.containers()
+    );
+
+    for verb in ["start", "state", "delete"] {
+        let err = cocoon.fails(&[verb, "ghost"]);
+        assert!(
+            err.contains("container ghost does not exist"),
+            "{verb}: {err}"
+        );
+    }
+    assert!(
+        cocoon
+            .fails(&["kill", "ghost", "NOTASIGNAL"])
+            .contains("invalid signal")
+    );
+    cocoon.ok(&["delete", "--force", "ghost"]);
+
+    let features: Value = serde_json::from_str(&cocoon.ok(&["features"])).unwrap();
+    assert_eq!(features["linux"]["cgroup"]["v2"], true);
+    let spec_dir = scratch.path("spec");
+    std::fs::create_dir_all(&spec_dir).unwrap();
+    cocoon.ok(&["spec", "--bundle", spec_dir.to_str().unwrap()]);
+    assert!(
+        cocoon
+            .fails(&["spec", "--bundle", spec_dir.to_str().unwrap()])
+            .contains("exists")
+    );
+    assert_eq!(cocoon.ok(&["list", "-q"]), "");
+}
+
+#[test]
+fn containers_live_and_die_like_runc_containers() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if artifacts_or_skip("cli").is_none() {
+        return;
+    }
+    let Some(bin) = cocoon_binary() else { return };
+    let scratch = Scratch::new("cli");
+    let cocoon = Cocoon {
+        bin,
+        root: scratch.path("root"),
+    };
+
+    // run: the container's output on our stdout and stderr, its exit status ours.
+    let b = bundle(
+        &scratch.path("run"),
+        &["sh", "-c", "echo out; echo err >&2; uname -r; exit 7"],
+    );
+    let out = cocoon.run(&["run", "--bundle", b.to_str().unwrap(), "r1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "out");
+    assert_ne!(
+        lines[1],
+        String::from_utf8_lossy(&Command::new("uname").arg("-r").output().unwrap().stdout).trim()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err\n"));
+    assert_eq!(cocoon.state("r1")["status"], "stopped");
+    cocoon.ok(&["delete", "r1"]);
+    assert!(cocoon.containers().is_empty());
+
+    // create, start, kill, delete: what containerd and Podman do.
+    let script = "echo started; trap 'echo got TERM; exit 3' TERM; while true; do sleep 1; done";
+    let b = bundle(&scratch.path("life"), &["sh", "-c", script]);
+    let pid_file = scratch.path("c1.pid");
+    let output = std::fs::File::create(scratch.path("c1.out")).unwrap();
+    let status = cocoon
+        .command(&[
+            "create",
+            "--bundle",
+            b.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "c1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(output.try_clone().unwrap())
+        .stderr(output)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let state = cocoon.state("c1");
+    assert_eq!(
+        (state["status"].as_str(), state["pid"].as_i64()),
+        (Some("created"), Some(pid as i64))
+    );
+    assert_eq!(state["bundle"], b.to_str().unwrap());
+    let err = cocoon.fails(&["create", "--bundle", b.to_str().unwrap(), "c1"]);
+    assert!(err.contains("container with id exists: c1"), "{err}");
+    cocoon.ok(&["start", "c1"]);
+    assert_eq!(cocoon.state("c1")["status"], "running");
+    assert!(cocoon.fails(&["start", "c1"]).contains("running"));
+    assert!(cocoon.fails(&["delete", "c1"]).contains("not stopped"));
+    assert!(cocoon.ok(&["list"]).contains("c1"));
+    let ps: Vec<i32> = serde_json::from_str(&cocoon.ok(&["ps", "--format", "json", "c1"])).unwrap();
+    assert!(!ps.is_empty());
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    cocoon.ok(&["kill", "c1", "TERM"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(cocoon.state("c1")["status"], "stopped");
+    assert_eq!(
+        std::fs::read_to_string(scratch.path("c1.out")).unwrap(),
+        "started\ngot TERM\n"
+    );
+    cocoon.ok(&["delete", "c1"]);
+    assert!(!alive(pid));
+    assert!(cocoon.containers().is_empty());
+
+    // delete --force of a running container: its VM goes, and everything with it.
+    let b = bundle(&scratch.path("force"), &["sleep", "600"]);
+    // The container inherits our stdio (as under runc): give it none, or reading our output
+    // to the end would wait for the container.
+    let status = cocoon
+        .command(&["run", "--detach", "--bundle", b.to_str().unwrap(), "c2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let pid = cocoon.state("c2")["pid"].as_i64().unwrap() as i32;
+    assert!(alive(pid));
+    cocoon.ok(&["delete", "--force", "c2"]);
+    assert!(!alive(pid), "the VMM process is gone");
+    assert!(
+        cocoon.containers().is_empty(),
+        "no state or images: {:?}",
+        cocoon.containers()
+    );
+}
