@@ -12,7 +12,8 @@ AGENT_BIN := target/$(AGENT_TARGET)/release/cocoon-agent
 VMM_BIN := target/release/cocoon-vmm
 COCOON_BIN := target/release/cocoon
 APT_PACKAGES := linux-source-6.1 linux-libc-dev build-essential flex bison bc libelf-dev cpio file \
-	qemu-system-x86 busybox-static erofs-utils e2fsprogs python3 iproute2 util-linux
+	qemu-system-x86 busybox-static erofs-utils e2fsprogs python3 iproute2 util-linux \
+	podman conmon umoci containerd runc bsdutils
 
 export COCOON_KERNEL := $(BUILD)/vmlinux
 export COCOON_INITRD := $(BUILD)/initramfs.cpio
@@ -20,6 +21,7 @@ export COCOON_VMM := $(CURDIR)/$(VMM_BIN)
 export COCOON_ROOTFS := $(BUILD)/busybox.erofs
 export COCOON_BUSYBOX_DIR := $(BUILD)/busybox-rootfs
 export COCOON_BIN := $(CURDIR)/$(COCOON_BIN)
+export COCOON_OCI_IMAGE := $(BUILD)/busybox-oci.tar
 
 .PHONY: all deps kernel agent initramfs rootfs vmm cocoon demo test bench lint clean
 
@@ -43,15 +45,20 @@ initramfs: deps agent
 	@mkdir -p $(BUILD)
 	@guest-kernel/build-initramfs.sh $(AGENT_BIN) $(BUILD)/initramfs.cpio >/dev/null && echo "initramfs: $(BUILD)/initramfs.cpio"
 
-# The test root filesystem: Debian's busybox-static as an EROFS image.
+# The test root filesystem: Debian's busybox-static as an EROFS image, and as an OCI image
+# archive for the engines (podman load, ctr image import).
 rootfs: deps
 	@images/build-busybox-rootfs.sh $(BUILD)/busybox-rootfs $(COCOON_ROOTFS) && echo "rootfs: $(COCOON_ROOTFS)"
+	@images/build-busybox-oci.sh $(BUILD)/busybox-rootfs $(COCOON_OCI_IMAGE) && echo "image: $(COCOON_OCI_IMAGE)"
 
 vmm:
 	cargo build --release -p cocoon-vmm
 
-cocoon:
+# The runtime finds its kernel and initramfs in ../lib/cocoon next to its binary.
+cocoon: kernel initramfs
 	cargo build --release -p cocoon-shim
+	@mkdir -p target/lib/cocoon && ln -sfn $(COCOON_KERNEL) target/lib/cocoon/vmlinux \
+		&& ln -sfn $(COCOON_INITRD) target/lib/cocoon/initramfs.cpio
 
 demo: kernel initramfs rootfs cocoon
 	@images/make-bundle.sh $(COCOON_BIN) $(BUILD)/demo-bundle $(COCOON_BUSYBOX_DIR) \

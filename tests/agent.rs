@@ -111,6 +111,7 @@ impl Guest {
             container_id: id.into(),
             spec: to_spec(spec),
             layers: vec![self.disk.clone()],
+            host_files: None,
             stdio,
         })
     }

@@ -259,13 +259,65 @@ fn containers_live_and_die_like_runc_containers() {
     assert!(cocoon.ok(&["list"]).contains("c1"));
     let ps: Vec<i32> = serde_json::from_str(&cocoon.ok(&["ps", "--format", "json", "c1"])).unwrap();
     assert!(!ps.is_empty());
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // exec: a further process in the container, its output and status ours.
+    let out = cocoon.run(&[
+        "exec",
+        "c1",
+        "sh",
+        "-c",
+        "echo in-exec; cat /proc/1/cmdline; exit 4",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("in-exec\nsh\0-c\0"), "{stdout:?}");
+    // exec --process --detach --pid-file: what containerd's shim and Podman issue.
+    let process = scratch.path("process.json");
+    std::fs::write(
+        &process,
+        r#"{"args":["sleep","600"],"cwd":"/","user":{"uid":0,"gid":0}}"#,
+    )
+    .unwrap();
+    let exec_pid_file = scratch.path("exec.pid");
+    let status = cocoon
+        .command(&[
+            "exec",
+            "--process",
+            process.to_str().unwrap(),
+            "--detach",
+            "--pid-file",
+            exec_pid_file.to_str().unwrap(),
+            "c1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exec_pid: i32 = std::fs::read_to_string(&exec_pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(exec_pid));
+    std::thread::sleep(std::time::Duration::from_secs(1));
     cocoon.ok(&["kill", "c1", "TERM"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while alive(pid) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert_eq!(cocoon.state("c1")["status"], "stopped");
+    // The exec'd process died with the container's pid namespace, and its monitor with it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while alive(exec_pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!alive(exec_pid));
     assert_eq!(
         std::fs::read_to_string(scratch.path("c1.out")).unwrap(),
         "started\ngot TERM\n"

@@ -1,5 +1,9 @@
 //! The runtime's own settings: built-in defaults, overridden by `/etc/cocoon/config.toml`
 //! (or the file `COCOON_CONFIG` names), then by `COCOON_KERNEL`/`COCOON_INITRD` for development.
+//!
+//! The default kernel and initramfs sit beside the binary, in `../lib/cocoon/` (so
+//! `/usr/local/bin/cocoon` uses `/usr/local/lib/cocoon/`): engines run the runtime with an
+//! environment of their own, so the files must be found without one.
 
 use std::path::{Path, PathBuf};
 
@@ -35,11 +39,20 @@ pub struct Config {
     pub boot_timeout_secs: u64,
 }
 
+/// `../lib/cocoon` relative to the running binary.
+fn lib_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("lib/cocoon")))
+        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/cocoon"))
+}
+
 impl Default for Config {
     fn default() -> Config {
+        let lib = lib_dir();
         Config {
-            kernel: PathBuf::from("/usr/local/lib/cocoon/vmlinux"),
-            initrd: PathBuf::from("/usr/local/lib/cocoon/initramfs.cpio"),
+            kernel: lib.join("vmlinux"),
+            initrd: lib.join("initramfs.cpio"),
             default_memory_mib: 256,
             memory_overhead_mib: 64,
             default_cpus: 1,

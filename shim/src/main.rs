@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod console;
 mod error;
+mod host_files;
 mod images;
 mod logging;
 mod monitor;
@@ -30,6 +31,7 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         Command::Kill { all, id, signal } => cli::kill::kill(global, id, signal, *all),
         Command::Delete { force, id } => cli::delete::delete(global, id, *force),
         Command::Run { create, detach, .. } => cli::run::run(global, create, *detach),
+        Command::Exec(args) => cli::exec::exec(global, args),
         Command::Ps { format, id, .. } => cli::ps::ps(global, id, format),
         Command::List { format, quiet } => cli::list::list(global, format, *quiet),
         Command::Features => {
@@ -39,8 +41,9 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         Command::Spec { bundle } => cli::spec::spec(bundle),
         Command::Monitor { id } => {
             state::check_id(id)?;
-            monitor::run(&global.root.join(id), id, monitor::report_file(), false)
+            monitor::container::run(&global.root.join(id), id, monitor::report_file(), false)
         }
+        Command::ExecMonitor { id, exec_id } => cli::exec::exec_monitor(global, id, exec_id),
     }
 }
 

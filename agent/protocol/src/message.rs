@@ -125,7 +125,18 @@ pub struct CreateContainer {
     /// Read-only EROFS block devices of the root filesystem, lowest layer first, as guest
     /// device paths (`/dev/vdb`) or `serial:ID` (the virtio-blk serial).
     pub layers: Vec<String>,
+    /// A read-only EROFS device with the host files the spec bind-mounts (`/etc/hosts`,
+    /// `/etc/resolv.conf`, volumes...), copied by the runtime. The agent mounts it at
+    /// [`host_files_dir`] before the spec's mounts, whose sources the runtime has rewritten to
+    /// point there.
+    #[serde(default)]
+    pub host_files: Option<String>,
     pub stdio: StdioConfig,
+}
+
+/// Where the agent mounts a container's host files device.
+pub fn host_files_dir(container_id: &str) -> String {
+    format!("/run/cocoon/containers/{container_id}/host")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -554,6 +554,7 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         container_id: id,
         spec,
         layers,
+        host_files,
         stdio: stdio_config,
     } = request;
     let process = spec
@@ -575,6 +576,10 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         ));
     }
     let privileges = privileges(&process, &spec)?;
+    let host_files = host_files
+        .map(|name| rootfs::layer_device(&name))
+        .transpose()
+        .map_err(|e| error(ErrorKind::InvalidArgument, e.to_string()))?;
     let devices = layers
         .iter()
         .map(|l| rootfs::layer_device(l))
@@ -582,8 +587,8 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         .map_err(|e| error(ErrorKind::InvalidArgument, e.to_string()))?;
 
     let sys = LinuxSyscall;
-    let mut rootfs =
-        Rootfs::mount(&sys, &id, &devices).map_err(|e| error(ErrorKind::Failed, e.to_string()))?;
+    let mut rootfs = Rootfs::mount(&sys, &id, &devices, host_files.as_deref())
+        .map_err(|e| error(ErrorKind::Failed, e.to_string()))?;
     let cgroup = Cgroup::for_container(&id);
     let undo = |rootfs: &mut Rootfs, cgroup: &Cgroup| {
         rootfs.unmount(&sys);
@@ -608,6 +613,8 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         root: &rootfs.root,
         console: console.as_deref(),
         in_user_namespace: flags & libc::CLONE_NEWUSER != 0,
+        cgroup_without_namespace: (flags & libc::CLONE_NEWCGROUP == 0)
+            .then_some(cgroup.path.as_path()),
     };
     let namespaces = Namespaces::New {
         clone_flags: flags & !libc::CLONE_NEWCGROUP,

@@ -187,6 +187,10 @@ pub struct RootfsSetup<'a> {
     pub console: Option<&'a Path>,
     /// mknod is not allowed in a user namespace: devices are bind-mounted from the guest.
     pub in_user_namespace: bool,
+    /// The container's cgroup directory when it has no cgroup namespace: a cgroup mount then
+    /// binds this directory, so the container still sees its own cgroup at /sys/fs/cgroup (as
+    /// runc does).
+    pub cgroup_without_namespace: Option<&'a Path>,
 }
 
 /// The devices every container gets (OCI runtime spec, "Default Devices").
@@ -231,7 +235,7 @@ pub fn enter_root(sys: &dyn Syscall, spec: &Spec, setup: &RootfsSetup) -> Result
 
     let mut dev_is_bound = false;
     for mount in spec.mounts().iter().flatten() {
-        mount_one(sys, root, mount)?;
+        mount_one(sys, setup, mount)?;
         if mount.destination() == Path::new("/dev") && is_bind(mount) {
             dev_is_bound = true;
         }
@@ -274,16 +278,23 @@ fn is_bind(mount: &Mount) -> bool {
             .any(|o| o == "bind" || o == "rbind")
 }
 
-fn mount_one(sys: &dyn Syscall, root: &Path, mount: &Mount) -> Result<(), MountError> {
+fn mount_one(sys: &dyn Syscall, setup: &RootfsSetup, mount: &Mount) -> Result<(), MountError> {
+    let root = setup.root;
     let destination = mount.destination();
     let describe = || format!("mount {}", destination.display());
     let target = resolve_in_root(sys, root, destination).context(describe)?;
-    let options = MountOptions::parse(mount.options().as_deref().unwrap_or_default());
-    let bind = is_bind(mount);
-    let source = mount
+    let mut options = MountOptions::parse(mount.options().as_deref().unwrap_or_default());
+    let mut bind = is_bind(mount);
+    let mut source = mount
         .source()
         .as_ref()
         .map(|s| s.to_string_lossy().into_owned());
+    let cgroup = matches!(mount.typ().as_deref(), Some("cgroup" | "cgroup2"));
+    if cgroup && let Some(own) = setup.cgroup_without_namespace {
+        bind = true;
+        source = Some(own.to_string_lossy().into_owned());
+        options.flags |= libc::MS_BIND | libc::MS_REC;
+    }
     // The guest is cgroup v2 only; a v1-style "cgroup" mount means the unified hierarchy.
     let fstype = match mount.typ().as_deref() {
         _ if bind => None,
@@ -571,6 +582,7 @@ mod tests {
             root: Path::new("/r"),
             console: Some(Path::new("/dev/pts/3")),
             in_user_namespace: false,
+            cgroup_without_namespace: None,
         };
         enter_root(&sys, &spec, &setup).unwrap();
         let calls = sys.calls();
@@ -638,12 +650,39 @@ mod tests {
             root: Path::new("/r"),
             console: None,
             in_user_namespace: true,
+            cgroup_without_namespace: None,
         };
         enter_root(&sys, &spec(r#"{"ociVersion":"1.0.2"}"#), &setup).unwrap();
         assert!(sys.calls_of("mknod").is_empty());
         assert!(
             sys.calls()
                 .contains(&"mount /r/dev/null /dev/null - 0x1000 -".to_owned())
+        );
+    }
+
+    #[test]
+    fn without_a_cgroup_namespace_the_cgroup_mount_binds_the_containers_own_cgroup() {
+        let sys = Recorder::with_dirs(&["/r"]);
+        let spec = spec(
+            r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/sys/fs/cgroup","type":"cgroup","source":"cgroup","options":["ro","nosuid"]}]}"#,
+        );
+        let setup = RootfsSetup {
+            root: Path::new("/r"),
+            console: None,
+            in_user_namespace: false,
+            cgroup_without_namespace: Some(Path::new("/sys/fs/cgroup/containers/c1")),
+        };
+        enter_root(&sys, &spec, &setup).unwrap();
+        let mounts = sys.calls_of("mount");
+        assert!(
+            mounts.contains(
+                &"mount /r/sys/fs/cgroup /sys/fs/cgroup/containers/c1 - 0x5000 -".to_owned()
+            ),
+            "{mounts:#?}"
+        );
+        assert!(
+            mounts.contains(&"mount /r/sys/fs/cgroup - - 0x1023 -".to_owned()),
+            "{mounts:#?}"
         );
     }
 
@@ -658,6 +697,7 @@ mod tests {
             root: Path::new("/r"),
             console: None,
             in_user_namespace: false,
+            cgroup_without_namespace: None,
         };
         let err = enter_root(&sys, &spec, &setup).unwrap_err();
         assert_eq!(err.what, "mount /proc");

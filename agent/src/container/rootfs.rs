@@ -66,7 +66,12 @@ pub struct Rootfs {
 impl Rootfs {
     /// Mounts `layers` (device paths, lowest first) and the overlay for container `id`. On
     /// failure, whatever was mounted is unmounted again.
-    pub fn mount(sys: &dyn Syscall, id: &str, layers: &[PathBuf]) -> Result<Rootfs, RootfsError> {
+    pub fn mount(
+        sys: &dyn Syscall,
+        id: &str,
+        layers: &[PathBuf],
+        host_files: Option<&Path>,
+    ) -> Result<Rootfs, RootfsError> {
         if layers.is_empty() {
             return Err(RootfsError::NoLayers);
         }
@@ -76,7 +81,7 @@ impl Rootfs {
             base,
             mounted: Vec::new(),
         };
-        match rootfs.mount_all(sys, layers) {
+        match rootfs.mount_all(sys, layers, host_files) {
             Ok(()) => Ok(rootfs),
             Err(e) => {
                 rootfs.unmount(sys);
@@ -85,7 +90,12 @@ impl Rootfs {
         }
     }
 
-    fn mount_all(&mut self, sys: &dyn Syscall, layers: &[PathBuf]) -> Result<(), RootfsError> {
+    fn mount_all(
+        &mut self,
+        sys: &dyn Syscall,
+        layers: &[PathBuf],
+        host_files: Option<&Path>,
+    ) -> Result<(), RootfsError> {
         let base = self.base.clone();
         // Traversable by all (0711): the root of a user namespace is an unprivileged uid of
         // the guest and must still reach its rootfs below these.
@@ -111,6 +121,23 @@ impl Rootfs {
             context(sys.mkdir(&dir, 0o755), || {
                 format!("create {}", dir.display())
             })?;
+        }
+        if let Some(device) = host_files {
+            let target = base.join("host");
+            context(sys.mkdir(&target, 0o755), || {
+                format!("create {}", target.display())
+            })?;
+            context(
+                sys.mount(
+                    Some(&device.to_string_lossy()),
+                    &target,
+                    Some("erofs"),
+                    libc::MS_RDONLY | libc::MS_NODEV,
+                    None,
+                ),
+                || format!("mount the host files {} (EROFS)", device.display()),
+            )?;
+            self.mounted.push(target);
         }
         let mut lower = Vec::new();
         for (index, device) in layers.iter().enumerate() {
@@ -176,7 +203,7 @@ mod tests {
     fn layers_stack_lowest_last_under_a_tmpfs_upper() {
         let sys = Recorder::default();
         let layers = [PathBuf::from("/dev/vdb"), PathBuf::from("/dev/vdc")];
-        let mut rootfs = Rootfs::mount(&sys, "c1", &layers).unwrap();
+        let mut rootfs = Rootfs::mount(&sys, "c1", &layers, None).unwrap();
         assert_eq!(rootfs.root, Path::new("/run/cocoon/containers/c1/rootfs"));
         let mounts = sys.calls_of("mount");
         assert_eq!(
@@ -206,7 +233,7 @@ mod tests {
         sys.failing
             .insert("mount /run/cocoon/containers/c1/layers/1".into());
         let layers = [PathBuf::from("/dev/vdb"), PathBuf::from("/dev/vdc")];
-        let err = Rootfs::mount(&sys, "c1", &layers).unwrap_err();
+        let err = Rootfs::mount(&sys, "c1", &layers, None).unwrap_err();
         assert!(err.to_string().contains("/dev/vdc"), "{err}");
         assert_eq!(
             sys.calls_of("umount"),

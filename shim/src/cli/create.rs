@@ -11,7 +11,8 @@ use crate::bundle::{Bundle, vm_size};
 use crate::config::Config;
 use crate::error::CliError;
 use crate::images;
-use crate::monitor::{LAUNCH_FILE, Launch, REPORT_FD, read_report};
+use crate::monitor::container::{LAUNCH_FILE, Launch};
+use crate::monitor::{REPORT_FD, read_report};
 use crate::state::{ContainerDir, Record, process_start_time, rfc3339, write_atomically};
 
 /// Everything before the monitor starts: bundle checked, directory made, images built,
@@ -42,14 +43,31 @@ fn write_launch(
     args: &CreateArgs,
 ) -> Result<(), CliError> {
     let layers = images::images_for(&bundle.rootfs, &config.layer_cache, &dir.path)?;
+    if layers.len() > 20 {
+        return Err(CliError::Other(format!(
+            "{} image layers: cocoon supports up to 20",
+            layers.len()
+        )));
+    }
+    let mut spec = bundle.spec.clone();
+    let staging = dir.file("host");
+    let host_files = if crate::host_files::stage(&mut spec, &dir.id, &staging)? {
+        let image = dir.file("host.erofs");
+        images::build_image(&staging, &image)?;
+        let _ = std::fs::remove_dir_all(&staging);
+        Some(image)
+    } else {
+        None
+    };
     let (cpus, memory_mib) = vm_size(&bundle.spec, config);
     let console_socket = args
         .console_socket
         .as_ref()
         .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
     let launch = Launch {
-        spec: bundle.spec.clone(),
+        spec,
         images: layers.into_iter().map(|l| l.image).collect(),
+        host_files,
         console_socket,
         cpus,
         memory_mib,
@@ -104,9 +122,9 @@ fn global_args(global: &Global) -> Vec<std::ffi::OsString> {
     args
 }
 
-/// Starts the monitor for a prepared container and waits until it reports the container
-/// created. Returns the monitor's pid.
-fn spawn_monitor(global: &Global, dir: &ContainerDir) -> Result<i32, CliError> {
+/// Starts `cocoon <verb_args>` as a monitor in a session of its own and waits until it reports
+/// its process created. Returns the monitor's pid.
+pub fn spawn_monitor(global: &Global, verb_args: &[&str]) -> Result<i32, CliError> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid out-array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -123,8 +141,7 @@ fn spawn_monitor(global: &Global, dir: &ContainerDir) -> Result<i32, CliError> {
     let mut command = Command::new(exe);
     command
         .args(global_args(global))
-        .arg("monitor")
-        .arg(&dir.id)
+        .args(verb_args)
         .env("COCOON_REPORT_FD", REPORT_FD.to_string());
     // SAFETY: between fork and exec only async-signal-safe calls: setsid, dup2, fcntl.
     unsafe {
@@ -158,7 +175,7 @@ fn spawn_monitor(global: &Global, dir: &ContainerDir) -> Result<i32, CliError> {
 
 pub fn create(global: &Global, args: &CreateArgs) -> Result<(), CliError> {
     let (dir, bundle) = prepare(global, args)?;
-    let result = spawn_monitor(global, &dir).and_then(|pid| {
+    let result = spawn_monitor(global, &["monitor", &dir.id]).and_then(|pid| {
         dir.write(&record(&dir, &bundle, pid, false))?;
         write_pid_file(args.pid_file.as_deref(), pid)
     });

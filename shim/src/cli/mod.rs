@@ -2,6 +2,7 @@
 
 pub mod create;
 pub mod delete;
+pub mod exec;
 pub mod features;
 pub mod kill;
 pub mod list;
@@ -78,6 +79,63 @@ pub struct CreateArgs {
     pub id: String,
 }
 
+/// Flags of `exec`, as runc has them.
+#[derive(Args, Debug, Clone)]
+pub struct ExecArgs {
+    /// A JSON file with the OCI process to run (instead of COMMAND and the flags below).
+    #[arg(short, long, value_name = "FILE")]
+    pub process: Option<PathBuf>,
+    /// Return once the process has started.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Write the pid of the process's monitor to this file.
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// Give the process a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// A Unix socket that receives the pty master (with --tty).
+    #[arg(long, value_name = "PATH")]
+    pub console_socket: Option<PathBuf>,
+    /// Working directory in the container.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+    /// Set an environment variable (repeatable).
+    #[arg(short, long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// UID[:GID] to run as.
+    #[arg(short, long, value_name = "UID[:GID]")]
+    pub user: Option<String>,
+    /// Additional group ids (repeatable).
+    #[arg(short = 'g', long, value_name = "GID")]
+    pub additional_gids: Vec<u32>,
+    /// Add a capability (repeatable).
+    #[arg(short, long, value_name = "CAP")]
+    pub cap: Vec<String>,
+    /// Set no_new_privileges for the process.
+    #[arg(long)]
+    pub no_new_privs: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long, value_name = "LABEL")]
+    pub process_label: Option<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long, value_name = "PROFILE")]
+    pub apparmor: Option<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub preserve_fds: u32,
+    /// Accepted for runc compatibility.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Vec<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub ignore_paused: bool,
+    pub id: String,
+    /// The command and its arguments (unless --process is given).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create a container: boot its microVM and prepare the process, stopped before exec.
@@ -113,6 +171,8 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Run a further process in a running container.
+    Exec(Box<ExecArgs>),
     /// List the processes of a container (guest pids).
     Ps {
         #[arg(short, long, default_value = "table", value_name = "table|json")]
@@ -140,6 +200,9 @@ pub enum Command {
     /// Internal: the process that stands in for a container's init.
     #[command(hide = true)]
     Monitor { id: String },
+    /// Internal: the process that stands in for an exec'd process.
+    #[command(hide = true)]
+    ExecMonitor { id: String, exec_id: String },
 }
 
 #[cfg(test)]
@@ -200,5 +263,21 @@ mod tests {
         parse(&["run", "-d", "--bundle", "/b", "c1"]);
         parse(&["ps", "--format", "json", "c1"]);
         parse(&["list", "-q"]);
+        let cli = parse(&[
+            "exec",
+            "--process",
+            "/tmp/runc-process1",
+            "--detach",
+            "--pid-file",
+            "/b/e1.pid",
+            "c1",
+        ]);
+        assert!(matches!(cli.command, Command::Exec(ref e) if e.detach && e.process.is_some()));
+        let cli = parse(&[
+            "exec", "-t", "-e", "A=1", "--cwd", "/tmp", "c1", "sh", "-c", "ls -l",
+        ]);
+        assert!(
+            matches!(cli.command, Command::Exec(ref e) if e.command == ["sh", "-c", "ls -l"] && e.tty)
+        );
     }
 }

@@ -1,0 +1,139 @@
+//! A container process's stdio on the host side: our own fds 0, 1 and 2 relayed to the guest
+//! on vsock streams, or a host pty (its master sent over the console socket) relayed to the
+//! guest's pty.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cocoon_agent_protocol::client::attach_stdio;
+use cocoon_agent_protocol::message::{StdioConfig, StdioStream};
+
+use crate::console;
+
+/// The streams of one process, attached and relaying.
+pub struct Stdio {
+    pub config: StdioConfig,
+    /// Output relays: the process's output has all arrived when they end.
+    relays: Vec<JoinHandle<()>>,
+    /// The host pty's slave, for window-size changes.
+    pub pty_slave: Option<OwnedFd>,
+}
+
+/// Copies `from` to `to` until EOF; then half-closes `shutdown`, so the peer sees EOF too.
+fn relay(
+    mut from: impl Read + Send + 'static,
+    mut to: impl Write + Send + 'static,
+    shutdown: Option<UnixStream>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    let _ = to.flush();
+                }
+            }
+        }
+        if let Some(socket) = shutdown {
+            let _ = socket.shutdown(std::net::Shutdown::Write);
+        }
+    })
+}
+
+/// Our own fd `fd` as a File, if it is open.
+fn inherited(fd: RawFd) -> Option<File> {
+    // SAFETY: fcntl(F_GETFD) only asks whether fd is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: dup gives us our own copy of an open fd.
+    let copy = unsafe { libc::dup(fd) };
+    // SAFETY: copy is a new fd nothing else owns.
+    (copy >= 0).then(|| unsafe { File::from_raw_fd(copy) })
+}
+
+impl Stdio {
+    /// Attaches the streams of process `exec_id` (None: the init) of container `id`.
+    pub fn attach(
+        uds: &Path,
+        id: &str,
+        exec_id: Option<&str>,
+        terminal: bool,
+        console_socket: Option<&Path>,
+    ) -> Result<Stdio, String> {
+        let attach = |stream| attach_stdio(uds, id, exec_id, stream).map_err(|e| e.to_string());
+        let e = |e: std::io::Error| e.to_string();
+        if terminal {
+            let socket = console_socket
+                .ok_or("the process has a terminal but no --console-socket was given")?;
+            let pty = console::open_pty().map_err(e)?;
+            console::send_fd(socket, pty.master.as_raw_fd())
+                .map_err(|err| format!("console socket {}: {err}", socket.display()))?;
+            // SAFETY: the slave becomes our controlling terminal (we lead our own session), so
+            // window-size changes reach us as SIGWINCH.
+            unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCSCTTY, 0) };
+            let conn = attach(StdioStream::Terminal)?;
+            let slave = File::from(pty.slave.try_clone().map_err(e)?);
+            let slave_in = slave.try_clone().map_err(e)?;
+            let conn_in = conn.try_clone().map_err(e)?;
+            let output = relay(conn, slave, None);
+            // Input is not waited for at exit: the engine may keep the terminal open.
+            relay(slave_in, conn_in, None);
+            return Ok(Stdio {
+                config: StdioConfig {
+                    terminal: true,
+                    ..StdioConfig::default()
+                },
+                relays: vec![output],
+                pty_slave: Some(pty.slave),
+            });
+        }
+        let mut stdio = Stdio {
+            config: StdioConfig::default(),
+            relays: Vec::new(),
+            pty_slave: None,
+        };
+        if let Some(input) = inherited(0) {
+            let conn = attach(StdioStream::Stdin)?;
+            let shutdown = conn.try_clone().map_err(e)?;
+            relay(input, conn, Some(shutdown));
+            stdio.config.stdin = true;
+        }
+        for (fd, stream) in [(1, StdioStream::Stdout), (2, StdioStream::Stderr)] {
+            if let Some(output) = inherited(fd) {
+                let conn = attach(stream)?;
+                stdio.relays.push(relay(conn, output, None));
+                match stream {
+                    StdioStream::Stdout => stdio.config.stdout = true,
+                    _ => stdio.config.stderr = true,
+                }
+            }
+        }
+        Ok(stdio)
+    }
+
+    pub fn window_size(&self) -> Option<(u16, u16)> {
+        self.pty_slave
+            .as_ref()
+            .and_then(|s| console::window_size(s.as_raw_fd()))
+    }
+
+    /// Waits (a bounded time) for output the process wrote before it exited.
+    pub fn drain(self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for relay in self.relays {
+            while !relay.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Podman 4.3 (Debian's, with conmon) with `--runtime` pointing at the built `cocoon`: the
+//! commands a user types, each container in a microVM. Test-local configuration and storage;
+//! the image is the busybox OCI archive the project builds (no registry).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, artifacts_or_skip, in_ci};
+
+const IMAGE: &str = "localhost/cocoon-busybox:latest";
+
+fn workspace(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn from_env(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace(default))
+}
+
+struct Podman {
+    conf: PathBuf,
+    storage: PathBuf,
+}
+
+impl Podman {
+    fn setup(scratch: &Scratch, cocoon: &Path) -> Podman {
+        let dir = &scratch.0;
+        let conf = scratch.path("containers.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[containers]\nnetns = \"none\"\n\
+                 [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+                 events_logfile_path = \"{dir}/events.log\"\nruntime = \"cocoon\"\ntmp_dir = \"{dir}/tmp\"\n\
+                 [engine.runtimes]\ncocoon = [\"{cocoon}\"]\n",
+                dir = dir.display(),
+                cocoon = cocoon.display()
+            ),
+        )
+        .unwrap();
+        let storage = scratch.path("storage.conf");
+        std::fs::write(
+            &storage,
+            format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{dir}/storage\"\nrunroot = \"{dir}/run\"\n",
+                dir = dir.display()
+            ),
+        )
+        .unwrap();
+        Podman { conf, storage }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", &self.conf)
+            .env("CONTAINERS_STORAGE_CONF", &self.storage)
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run podman")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "podman {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        // Stop anything a failed assertion left running, then unmount podman's storage.
+        let _ = self
+            .command(&["rm", "--all", "--force", "--time", "0"])
+            .output();
+        let _ = self.command(&["system", "reset", "--force"]).output();
+    }
+}
+
+#[test]
+fn podman_runs_containers_in_microvms() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if artifacts_or_skip("podman").is_none() {
+        return;
+    }
+    let cocoon = from_env("COCOON_BIN", "target/release/cocoon");
+    let image = from_env("COCOON_OCI_IMAGE", "build/busybox-oci.tar");
+    let missing: Vec<String> = [
+        cocoon.clone(),
+        image.clone(),
+        PathBuf::from("/usr/bin/podman"),
+    ]
+    .into_iter()
+    .filter(|p| !p.exists())
+    .map(|p| p.display().to_string())
+    .collect();
+    if !missing.is_empty() {
+        assert!(
+            !in_ci(),
+            "missing {missing:?}, and CI=true requires the podman test"
+        );
+        eprintln!("SKIPPED podman: missing {missing:?} (run `make test`)");
+        return;
+    }
+    let scratch = Scratch::new("podman");
+    let podman = Podman::setup(&scratch, &cocoon);
+    podman.ok(&["load", "-i", image.to_str().unwrap()]);
+
+    // The container's output, from a guest kernel that is not the host's.
+    let host_kernel =
+        String::from_utf8_lossy(&Command::new("uname").arg("-r").output().unwrap().stdout)
+            .into_owned();
+    let out = podman.ok(&["run", "--rm", IMAGE, "sh", "-c", "echo hi; uname -r"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "hi");
+    assert_ne!(lines[1], host_kernel.trim());
+
+    // An exit code propagated, and --memory enforced by the guest's cgroup.
+    let out = podman.run(&[
+        "run",
+        "--rm",
+        "--memory",
+        "48m",
+        IMAGE,
+        "sh",
+        "-c",
+        "cat /sys/fs/cgroup/memory.max; exit 3",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (48u64 << 20).to_string()
+    );
+
+    // run -d, exec, logs, stop (SIGTERM first), rm.
+    let script = "echo ready; trap 'echo stopping; exit 0' TERM; while true; do sleep 1; done";
+    podman.ok(&["run", "-d", "--name", "d1", IMAGE, "sh", "-c", script]);
+    let exec = podman.ok(&[
+        "exec",
+        "d1",
+        "sh",
+        "-c",
+        "echo from-exec; cat /proc/1/cmdline",
+    ]);
+    assert!(exec.starts_with("from-exec\nsh\0-c\0"), "{exec:?}");
+    assert!(podman.ok(&["logs", "d1"]).contains("ready"));
+    podman.ok(&["stop", "-t", "10", "d1"]);
+    assert!(podman.ok(&["logs", "d1"]).contains("stopping"));
+    assert_eq!(
+        podman
+            .ok(&["inspect", "--format", "{{.State.ExitCode}}", "d1"])
+            .trim(),
+        "0"
+    );
+    podman.ok(&["rm", "d1"]);
+    assert_eq!(podman.ok(&["ps", "-aq"]).trim(), "");
+
+    // run -it: a terminal through conmon's console socket, driven by script(1).
+    let out = Command::new("script")
+        .args([
+            "-qec",
+            &format!("podman run -it --rm {IMAGE} sh -c 'test -t 0 && echo tty-ok; stty size'"),
+            "/dev/null",
+        ])
+        .env("CONTAINERS_CONF", &podman.conf)
+        .env("CONTAINERS_STORAGE_CONF", &podman.storage)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("tty-ok"), "{text:?}");
+}
