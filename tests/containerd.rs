@@ -1,0 +1,211 @@
+//! containerd 1.6 (Debian's) with its runc shim driving the built `cocoon` as its runc binary
+//! (`ctr run --runc-binary`): run, `task exec`, `task kill`. A containerd of the test's own, on a
+//! socket and state directories in a scratch directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, artifacts_or_skip, in_ci};
+
+const IMAGE: &str = "cocoon/busybox:latest";
+
+fn from_env(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(default)
+    })
+}
+
+struct Containerd {
+    daemon: Child,
+    address: PathBuf,
+    cocoon: PathBuf,
+}
+
+impl Containerd {
+    fn start(scratch: &Scratch, cocoon: PathBuf) -> Containerd {
+        let dir = &scratch.0;
+        let config = scratch.path("config.toml");
+        let address = scratch.path("containerd.sock");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{dir}/root\"\nstate = \"{dir}/state\"\n[grpc]\n  address = \"{sock}\"\n",
+                dir = dir.display(),
+                sock = address.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(scratch.path("containerd.log")).unwrap();
+        let daemon = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let containerd = Containerd {
+            daemon,
+            address,
+            cocoon,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !containerd.ctr(&["version"]).status.success() {
+            assert!(Instant::now() < deadline, "containerd did not come up");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        containerd
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.env("CONTAINERD_ADDRESS", &self.address)
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run ctr")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn task_status(&self, id: &str) -> String {
+        self.ok(&["task", "ls"])
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for id in ["c1", "c2"] {
+            let _ = self.command(&["task", "kill", "-s", "KILL", id]).output();
+            let _ = self.command(&["task", "delete", "--force", id]).output();
+            let _ = self.command(&["container", "delete", id]).output();
+        }
+        // SAFETY: SIGTERM to the containerd we started.
+        unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
+        let _ = self.daemon.wait();
+    }
+}
+
+#[test]
+fn containerd_runs_tasks_through_its_runc_shim() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if artifacts_or_skip("containerd").is_none() {
+        return;
+    }
+    let cocoon = from_env("COCOON_BIN", "target/release/cocoon");
+    let image = from_env("COCOON_OCI_IMAGE", "build/busybox-oci.tar");
+    let missing: Vec<String> = [
+        cocoon.clone(),
+        image.clone(),
+        PathBuf::from("/usr/bin/containerd"),
+    ]
+    .into_iter()
+    .filter(|p| !p.exists())
+    .map(|p| p.display().to_string())
+    .collect();
+    if !missing.is_empty() {
+        assert!(
+            !in_ci(),
+            "missing {missing:?}, and CI=true requires the containerd test"
+        );
+        eprintln!("SKIPPED containerd: missing {missing:?} (run `make test`)");
+        return;
+    }
+    let scratch = Scratch::new("containerd");
+    let containerd = Containerd::start(&scratch, cocoon);
+    containerd.ok(&[
+        "image",
+        "import",
+        "--index-name",
+        IMAGE,
+        image.to_str().unwrap(),
+    ]);
+    let runc_binary = containerd.cocoon.to_str().unwrap().to_owned();
+
+    // ctr run: output and exit status through the runc shim.
+    let out = containerd.ctr(&[
+        "run",
+        "--rm",
+        "--runc-binary",
+        &runc_binary,
+        IMAGE,
+        "c1",
+        "sh",
+        "-c",
+        "echo hi; exit 3",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+
+    // run -d, task exec, task kill (SIGTERM), delete.
+    let script = "trap 'exit 0' TERM; while true; do sleep 1; done";
+    containerd.ok(&[
+        "run",
+        "-d",
+        "--runc-binary",
+        &runc_binary,
+        IMAGE,
+        "c2",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(containerd.task_status("c2"), "RUNNING");
+    let out = containerd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "c2",
+        "sh",
+        "-c",
+        "echo from-exec; exit 5",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-exec\n");
+    containerd.ok(&["task", "kill", "c2"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while containerd.task_status("c2") != "STOPPED" {
+        assert!(
+            Instant::now() < deadline,
+            "the task did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    containerd.ok(&["task", "delete", "c2"]);
+    containerd.ok(&["container", "delete", "c2"]);
+    assert_eq!(containerd.ok(&["container", "ls", "-q"]).trim(), "");
+    // The shim's runc root holds nothing of ours any more.
+    let leftovers: Vec<_> = std::fs::read_dir("/run/containerd/runc/default")
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
