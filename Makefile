@@ -13,7 +13,7 @@ VMM_BIN := target/release/cocoon-vmm
 COCOON_BIN := target/release/cocoon
 APT_PACKAGES := linux-source-6.1 linux-libc-dev build-essential flex bison bc libelf-dev cpio file \
 	qemu-system-x86 busybox-static erofs-utils e2fsprogs python3 iproute2 util-linux \
-	podman conmon umoci containerd runc bsdutils
+	podman conmon umoci containerd runc crun runsc bsdutils
 
 export COCOON_KERNEL := $(BUILD)/vmlinux
 export COCOON_INITRD := $(BUILD)/initramfs.cpio
@@ -80,6 +80,7 @@ bench: kernel initramfs rootfs vmm cocoon
 	python3 bench/vsock.py
 	python3 bench/net.py
 	python3 bench/agent.py
+	python3 bench/runtime.py
 
 clean:
 	rm -rf $(BUILD) target

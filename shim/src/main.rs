@@ -48,6 +48,7 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
 }
 
 fn main() -> ExitCode {
+    logging::mark_start();
     let cli = Cli::parse();
     if let Err(e) = logging::init(
         cli.global.log.as_deref(),

@@ -27,8 +27,12 @@ pub fn prepare(global: &Global, args: &CreateArgs) -> Result<(ContainerDir, Bund
         ));
     }
     let dir = ContainerDir::create(&global.root, &args.id)?;
+    crate::logging::phase("bundle checked");
     match write_launch(&dir, &bundle, &config, args) {
-        Ok(()) => Ok((dir, bundle)),
+        Ok(()) => {
+            crate::logging::phase("images ready");
+            Ok((dir, bundle))
+        }
         Err(e) => {
             let _ = dir.remove();
             Err(e)

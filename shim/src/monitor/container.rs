@@ -57,6 +57,7 @@ pub fn run(dir: &Path, id: &str, report_to: Option<File>, start: bool) -> ! {
     };
     let mut vm_ended = None;
     let result = read_launch(dir).and_then(|launch| {
+        crate::logging::phase("vm starting");
         let ended = vm_ended.insert(start_vm(&launch, &uds));
         open(&target, &launch, ended, start)
     });
@@ -71,6 +72,7 @@ pub fn run(dir: &Path, id: &str, report_to: Option<File>, start: bool) -> ! {
         std::process::exit(1);
     };
     let status = wait_and_forward(target, stdio, vm_ended.as_ref(), set);
+    crate::logging::phase("container exited");
     record_exit(&dir.join(EXIT_FILE), &status);
     exit_like(status)
 }
@@ -161,6 +163,7 @@ fn open(
         vm_ended,
         Duration::from_secs(launch.boot_timeout_secs),
     )?;
+    crate::logging::phase("agent up");
     let mut entropy = vec![0u8; 64];
     // SAFETY: getrandom fills the buffer it is given.
     unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
@@ -204,11 +207,13 @@ fn open(
             stdio: stdio.config,
         })
         .map_err(|e| e.to_string())?;
+    crate::logging::phase("container created");
     if let Some((rows, cols)) = stdio.window_size() {
         let _ = client.resize_terminal(id, None, rows, cols);
     }
     if start {
         client.start_container(id).map_err(|e| e.to_string())?;
+        crate::logging::phase("container started");
     }
     Ok(stdio)
 }
