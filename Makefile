@@ -1,5 +1,5 @@
 # cocoon: one KVM microVM per container.
-#   make demo   set everything up and boot a microVM that prints the agent's line
+#   make demo   set everything up and run a container (cocoon run) in a microVM
 #   make test   set everything up and run all tests (what CI runs)
 #   make bench  set everything up and print the performance figures
 # Every target installs what it needs and is idempotent; the kernel build is cached outside the
@@ -8,7 +8,7 @@
 SHELL := /bin/bash
 BUILD := $(CURDIR)/build
 AGENT_TARGET := x86_64-unknown-linux-gnu
-AGENT_BIN := target/$(AGENT_TARGET)/release/cocoon-agent
+AGENT_BIN := target/$(AGENT_TARGET)/agent/cocoon-agent
 VMM_BIN := target/release/cocoon-vmm
 COCOON_BIN := target/release/cocoon
 APT_PACKAGES := linux-source-6.1 linux-libc-dev build-essential flex bison bc libelf-dev cpio file \
@@ -39,7 +39,7 @@ kernel: deps
 	@vmlinux=$$(guest-kernel/build.sh) && ln -sfn "$$vmlinux" $(BUILD)/vmlinux && echo "kernel: $$vmlinux"
 
 agent:
-	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p cocoon-agent --target $(AGENT_TARGET)
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --profile agent -p cocoon-agent --target $(AGENT_TARGET)
 
 initramfs: deps agent
 	@mkdir -p $(BUILD)

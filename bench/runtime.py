@@ -6,7 +6,7 @@ The bundle's rootfs is an overlay mount of the busybox tree, as engines hand it 
 first cocoon run builds the layer image (cold) and later runs find it in the layer cache.
 Phases come from `cocoon --debug --log-format json` (milliseconds since the process started):
   images   bundle checked -> root filesystem images ready
-  vmm      images ready -> VM starting (monitor set up)
+  vmm      images ready -> VM starting (the monitor set up; the VMM itself starts in ~3 ms)
   boot     VM starting -> the guest agent answers
   create   agent up -> container created (stdio attached, rootfs mounted in the guest, ...)
   run      created -> the container's process exited (start, `true`, exit reported)
@@ -128,7 +128,7 @@ def main():
     print(f"cocoon images, cold (first run)     (s)  {cocoon[0]['images']:.3f}")
     if len(cocoon) > 1:
         print(f"cocoon images, cached               (s)  {summary([c['images'] for c in cocoon[1:]], '{:.3f}')}")
-    for key, label in [("vmm", "vmm start"), ("boot", "guest boot to agent"),
+    for key, label in [("vmm", "monitor + VMM set-up"), ("boot", "guest boot to agent"),
                        ("create", "container create"), ("run", "start, run, exit reported"),
                        ("exit", "monitor exit")]:
         print(f"cocoon {label:<29}(s)  {summary([c[key] for c in cocoon], '{:.3f}')}")

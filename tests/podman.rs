@@ -159,6 +159,12 @@ fn podman_runs_containers_in_microvms() {
     ]);
     assert!(exec.starts_with("from-exec\nsh\0-c\0"), "{exec:?}");
     assert!(podman.ok(&["logs", "d1"]).contains("ready"));
+    // exec -it: a terminal for an exec'd process, through the console socket.
+    let text = in_terminal(
+        &podman,
+        "podman exec -it d1 sh -c 'test -t 0 && echo exec-tty'",
+    );
+    assert!(text.contains("exec-tty"), "{text:?}");
     podman.ok(&["stop", "-t", "10", "d1"]);
     assert!(podman.ok(&["logs", "d1"]).contains("stopping"));
     assert_eq!(
@@ -170,19 +176,25 @@ fn podman_runs_containers_in_microvms() {
     podman.ok(&["rm", "d1"]);
     assert_eq!(podman.ok(&["ps", "-aq"]).trim(), "");
 
-    // run -it: a terminal through conmon's console socket, driven by script(1).
+    // run -it: a terminal through conmon's console socket.
+    let text = in_terminal(
+        &podman,
+        &format!("podman run -it --rm {IMAGE} sh -c 'test -t 0 && echo tty-ok'"),
+    );
+    assert!(text.contains("tty-ok"), "{text:?}");
+}
+
+/// Runs `command` on a terminal of its own (script(1)), as a user at a shell would; returns
+/// what appeared on it.
+fn in_terminal(podman: &Podman, command: &str) -> String {
     let out = Command::new("script")
-        .args([
-            "-qec",
-            &format!("podman run -it --rm {IMAGE} sh -c 'test -t 0 && echo tty-ok; stty size'"),
-            "/dev/null",
-        ])
+        .args(["-qec", command, "/dev/null"])
         .env("CONTAINERS_CONF", &podman.conf)
         .env("CONTAINERS_STORAGE_CONF", &podman.storage)
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("tty-ok"), "{text:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{command}: {text}");
+    text
 }
