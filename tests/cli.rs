@@ -42,6 +42,19 @@ impl Cocoon {
         cmd
     }
 
+    /// Runs a verb whose process may outlive it (`--detach`), with no stdio: the container
+    /// inherits ours, as under runc, and reading our output to the end would wait for it.
+    fn detached(&self, args: &[&str]) {
+        let status = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run cocoon");
+        assert!(status.success(), "cocoon {args:?} failed");
+    }
+
     fn run(&self, args: &[&str]) -> Output {
         self.command(args)
             .stdin(Stdio::null())
@@ -283,22 +296,15 @@ fn containers_live_and_die_like_runc_containers() {
     )
     .unwrap();
     let exec_pid_file = scratch.path("exec.pid");
-    let status = cocoon
-        .command(&[
-            "exec",
-            "--process",
-            process.to_str().unwrap(),
-            "--detach",
-            "--pid-file",
-            exec_pid_file.to_str().unwrap(),
-            "c1",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    cocoon.detached(&[
+        "exec",
+        "--process",
+        process.to_str().unwrap(),
+        "--detach",
+        "--pid-file",
+        exec_pid_file.to_str().unwrap(),
+        "c1",
+    ]);
     let exec_pid: i32 = std::fs::read_to_string(&exec_pid_file)
         .unwrap()
         .trim()
@@ -328,16 +334,7 @@ fn containers_live_and_die_like_runc_containers() {
 
     // delete --force of a running container: its VM goes, and everything with it.
     let b = bundle(&scratch.path("force"), &["sleep", "600"]);
-    // The container inherits our stdio (as under runc): give it none, or reading our output
-    // to the end would wait for the container.
-    let status = cocoon
-        .command(&["run", "--detach", "--bundle", b.to_str().unwrap(), "c2"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    cocoon.detached(&["run", "--detach", "--bundle", b.to_str().unwrap(), "c2"]);
     let pid = cocoon.state("c2")["pid"].as_i64().unwrap() as i32;
     assert!(alive(pid));
     cocoon.ok(&["delete", "--force", "c2"]);

@@ -2,21 +2,13 @@
 //! (`ctr run --runc-binary`): run, `task exec`, `task kill`. A containerd of the test's own, on a
 //! socket and state directories in a scratch directory.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, artifacts_or_skip, in_ci};
+use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, engine_inputs_or_skip};
 
 const IMAGE: &str = "cocoon/busybox:latest";
-
-fn from_env(var: &str, default: &str) -> PathBuf {
-    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(default)
-    })
-}
 
 struct Containerd {
     daemon: Child,
@@ -107,28 +99,9 @@ impl Drop for Containerd {
 #[test]
 fn containerd_runs_tasks_through_its_runc_shim() {
     let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if artifacts_or_skip("containerd").is_none() {
+    let Some((cocoon, image)) = engine_inputs_or_skip("containerd", "/usr/bin/containerd") else {
         return;
-    }
-    let cocoon = from_env("COCOON_BIN", "target/release/cocoon");
-    let image = from_env("COCOON_OCI_IMAGE", "build/busybox-oci.tar");
-    let missing: Vec<String> = [
-        cocoon.clone(),
-        image.clone(),
-        PathBuf::from("/usr/bin/containerd"),
-    ]
-    .into_iter()
-    .filter(|p| !p.exists())
-    .map(|p| p.display().to_string())
-    .collect();
-    if !missing.is_empty() {
-        assert!(
-            !in_ci(),
-            "missing {missing:?}, and CI=true requires the containerd test"
-        );
-        eprintln!("SKIPPED containerd: missing {missing:?} (run `make test`)");
-        return;
-    }
+    };
     let scratch = Scratch::new("containerd");
     let containerd = Containerd::start(&scratch, cocoon);
     containerd.ok(&[

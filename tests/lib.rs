@@ -26,7 +26,8 @@ fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-fn from_env(var: &str, default: &str) -> PathBuf {
+/// The path in environment variable `var`, or `default` under the workspace.
+pub fn from_env(var: &str, default: &str) -> PathBuf {
     std::env::var_os(var)
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join(default))
@@ -247,4 +248,27 @@ impl Drop for RunningVm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What the engine tests need: the built `cocoon` and the busybox OCI image archive, plus the
+/// engine's own `binary`. Returns the first two, or `None` (after saying why) when something is
+/// missing outside CI; in CI a missing one is a failure.
+pub fn engine_inputs_or_skip(test: &str, binary: &str) -> Option<(PathBuf, PathBuf)> {
+    artifacts_or_skip(test)?;
+    let cocoon = from_env("COCOON_BIN", "target/release/cocoon");
+    let image = from_env("COCOON_OCI_IMAGE", "build/busybox-oci.tar");
+    let missing: Vec<String> = [cocoon.as_path(), image.as_path(), Path::new(binary)]
+        .into_iter()
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return Some((cocoon, image));
+    }
+    assert!(
+        !in_ci(),
+        "{test}: missing {missing:?}, and CI=true requires this test"
+    );
+    eprintln!("SKIPPED {test}: missing {missing:?} (run `make test`)");
+    None
 }

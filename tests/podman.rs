@@ -5,19 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, artifacts_or_skip, in_ci};
+use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, engine_inputs_or_skip};
 
 const IMAGE: &str = "localhost/cocoon-busybox:latest";
-
-fn workspace(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
-}
-
-fn from_env(var: &str, default: &str) -> PathBuf {
-    std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace(default))
-}
 
 struct Podman {
     conf: PathBuf,
@@ -90,28 +80,9 @@ impl Drop for Podman {
 #[test]
 fn podman_runs_containers_in_microvms() {
     let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if artifacts_or_skip("podman").is_none() {
+    let Some((cocoon, image)) = engine_inputs_or_skip("podman", "/usr/bin/podman") else {
         return;
-    }
-    let cocoon = from_env("COCOON_BIN", "target/release/cocoon");
-    let image = from_env("COCOON_OCI_IMAGE", "build/busybox-oci.tar");
-    let missing: Vec<String> = [
-        cocoon.clone(),
-        image.clone(),
-        PathBuf::from("/usr/bin/podman"),
-    ]
-    .into_iter()
-    .filter(|p| !p.exists())
-    .map(|p| p.display().to_string())
-    .collect();
-    if !missing.is_empty() {
-        assert!(
-            !in_ci(),
-            "missing {missing:?}, and CI=true requires the podman test"
-        );
-        eprintln!("SKIPPED podman: missing {missing:?} (run `make test`)");
-        return;
-    }
+    };
     let scratch = Scratch::new("podman");
     let podman = Podman::setup(&scratch, &cocoon);
     podman.ok(&["load", "-i", image.to_str().unwrap()]);

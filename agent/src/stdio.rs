@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -291,18 +290,8 @@ impl HostStdio {
 }
 
 fn relay(mut from: File, mut to: File, to_vsock: bool) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            // EIO is how a pty master says the last slave fd closed.
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
+    // Ends at EOF or on an error; EIO is how a pty master says the last slave fd closed.
+    let _ = std::io::copy(&mut from, &mut to);
     if to_vsock {
         vsock::shutdown_write(&to);
     }

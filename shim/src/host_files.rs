@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use cocoon_agent_protocol::spec::is_bind;
 use oci_spec::runtime::{Mount, MountBuilder, Spec};
 
 use cocoon_agent_protocol::message::host_files_dir;
@@ -17,15 +18,6 @@ use crate::images::ImageError;
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImageError {
     let path = path.to_owned();
     move |source| ImageError::Io { what, path, source }
-}
-
-fn is_bind(mount: &Mount) -> bool {
-    mount.typ().as_deref() == Some("bind")
-        || mount
-            .options()
-            .iter()
-            .flatten()
-            .any(|o| o == "bind" || o == "rbind")
 }
 
 fn guest_own(source: &Path) -> bool {

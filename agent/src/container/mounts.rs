@@ -6,6 +6,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use cocoon_agent_protocol::spec::is_bind;
 use oci_spec::runtime::{LinuxDeviceType, Mount, Spec};
 
 use super::syscall::{Errno, FileKind, Syscall};
@@ -267,15 +268,6 @@ pub fn enter_root(sys: &dyn Syscall, spec: &Spec, setup: &RootfsSetup) -> Result
         .context(|| "detach the old root".into())?;
     sys.chdir(Path::new("/")).context(|| "chdir /".into())?;
     Ok(())
-}
-
-fn is_bind(mount: &Mount) -> bool {
-    mount.typ().as_deref() == Some("bind")
-        || mount
-            .options()
-            .iter()
-            .flatten()
-            .any(|o| o == "bind" || o == "rbind")
 }
 
 fn mount_one(sys: &dyn Syscall, setup: &RootfsSetup, mount: &Mount) -> Result<(), MountError> {

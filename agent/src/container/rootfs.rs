@@ -124,38 +124,12 @@ impl Rootfs {
         }
         if let Some(device) = host_files {
             let target = base.join("host");
-            context(sys.mkdir(&target, 0o755), || {
-                format!("create {}", target.display())
-            })?;
-            context(
-                sys.mount(
-                    Some(&device.to_string_lossy()),
-                    &target,
-                    Some("erofs"),
-                    libc::MS_RDONLY | libc::MS_NODEV,
-                    None,
-                ),
-                || format!("mount the host files {} (EROFS)", device.display()),
-            )?;
-            self.mounted.push(target);
+            self.mount_erofs(sys, device, &target, "the host files")?;
         }
         let mut lower = Vec::new();
         for (index, device) in layers.iter().enumerate() {
             let target = base.join("layers").join(index.to_string());
-            context(sys.mkdir(&target, 0o755), || {
-                format!("create {}", target.display())
-            })?;
-            context(
-                sys.mount(
-                    Some(&device.to_string_lossy()),
-                    &target,
-                    Some("erofs"),
-                    libc::MS_RDONLY | libc::MS_NODEV,
-                    None,
-                ),
-                || format!("mount layer {} (EROFS)", device.display()),
-            )?;
-            self.mounted.push(target.clone());
+            self.mount_erofs(sys, device, &target, "layer")?;
             lower.push(target);
         }
         // overlayfs lists the top layer first.
@@ -175,6 +149,32 @@ impl Rootfs {
             || "mount the overlay root".into(),
         )?;
         self.mounted.push(self.root.clone());
+        Ok(())
+    }
+
+    /// Mounts the read-only EROFS image on `device` at `target` (created), to be unmounted
+    /// with the rest.
+    fn mount_erofs(
+        &mut self,
+        sys: &dyn Syscall,
+        device: &Path,
+        target: &Path,
+        what: &str,
+    ) -> Result<(), RootfsError> {
+        context(sys.mkdir(target, 0o755), || {
+            format!("create {}", target.display())
+        })?;
+        context(
+            sys.mount(
+                Some(&device.to_string_lossy()),
+                target,
+                Some("erofs"),
+                libc::MS_RDONLY | libc::MS_NODEV,
+                None,
+            ),
+            || format!("mount {what} {} (EROFS)", device.display()),
+        )?;
+        self.mounted.push(target.to_owned());
         Ok(())
     }
 

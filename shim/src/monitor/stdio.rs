@@ -31,18 +31,7 @@ fn relay(
     shutdown: Option<UnixStream>,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    let _ = to.flush();
-                }
-            }
-        }
+        let _ = std::io::copy(&mut from, &mut to);
         if let Some(socket) = shutdown {
             let _ = socket.shutdown(std::net::Shutdown::Write);
         }
