@@ -290,8 +290,7 @@ impl HostStdio {
 }
 
 fn relay(mut from: File, mut to: File, to_vsock: bool) {
-    // Ends at EOF or on an error; EIO is how a pty master says the last slave fd closed.
-    let _ = std::io::copy(&mut from, &mut to);
+    cocoon_agent_protocol::relay_until_eof(&mut from, &mut to);
     if to_vsock {
         vsock::shutdown_write(&to);
     }

@@ -31,7 +31,7 @@ fn relay(
     shutdown: Option<UnixStream>,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from, &mut to);
+        cocoon_agent_protocol::relay_until_eof(&mut from, &mut to);
         if let Some(socket) = shutdown {
             let _ = socket.shutdown(std::net::Shutdown::Write);
         }
