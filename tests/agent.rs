@@ -231,6 +231,23 @@ fn containers_run_in_the_guest_like_runc_runs_them() {
     );
     assert_eq!(piped.stdout, "PIPED THROUGH\n");
 
+    // Four processes doing glibc string work side by side: each must print exactly what the same
+    // script prints on the host. On PVM hosts, guest processes overwrite each other's AVX
+    // registers unless glibc is kept off AVX (see agent/src/cpu.rs).
+    let script = "for n in 1 2 3 4; do (i=0; while [ $i -lt 400 ]; do printf '%s-%d|%x\\n' \
+        line $i $i; i=$((i+1)); done | md5sum) & done; wait";
+    let host = std::process::Command::new("busybox")
+        .args(["sh", "-c", script])
+        .output()
+        .expect("run busybox on the host");
+    let parallel = guest.sh("parallel-strings", script, |_| {});
+    assert_eq!(
+        parallel.stdout,
+        String::from_utf8_lossy(&host.stdout),
+        "{}",
+        parallel.stderr
+    );
+
     let identity = guest.sh("identity", "hostname; echo $FOO; pwd; ulimit -n", |s| {
         s["hostname"] = json!("box1");
         s["process"]["env"]
@@ -355,10 +372,153 @@ fn containers_run_in_the_guest_like_runc_runs_them() {
         userns.stderr
     );
 
+    check_users(&guest);
+    check_loopback_and_devices(&guest);
     check_exec(&guest);
     check_terminal(&guest);
     check_errors(&guest);
     check_nothing_left_behind(&guest);
+}
+
+/// The ids, groups, umask and capability sets a process runs with, as `/proc/self/status` and
+/// `id` show them.
+const SHOW_CREDENTIALS: &str = "id -u; id -g; id -G; umask; \
+    grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs)' /proc/self/status";
+
+/// What [`SHOW_CREDENTIALS`] prints for the given ids and capability masks.
+fn credentials(ids: (u32, u32, &str), umask: &str, caps: [u64; 5], no_new_privs: bool) -> String {
+    let (uid, gid, groups) = ids;
+    let [inh, prm, eff, bnd, amb] = caps;
+    format!(
+        "{uid}\n{gid}\n{groups}\n{umask}\nCapInh:\t{inh:016x}\nCapPrm:\t{prm:016x}\n\
+         CapEff:\t{eff:016x}\nCapBnd:\t{bnd:016x}\nCapAmb:\t{amb:016x}\nNoNewPrivs:\t{}\n",
+        u8::from(no_new_privs)
+    )
+}
+
+/// The mask of runc's default capabilities ([`DEFAULT_CAPS`]).
+const DEFAULT_CAP_MASK: u64 = 1 << 29 | 1 << 5 | 1 << 10 | 1 | 1 << 1 | 1 << 3 | 1 << 7 | 1 << 6;
+
+/// Non-root users (the ones images name with `USER`) and root, with default, empty and extra
+/// capability sets, with and without `noNewPrivileges`: each starts with exactly what runc
+/// would give it.
+fn check_users(guest: &Guest) {
+    let user = |uid: u32, gid: u32, groups: &[u32]| {
+        let groups = groups.to_vec();
+        move |s: &mut Value| {
+            s["process"]["user"] =
+                json!({"uid": uid, "gid": gid, "additionalGids": groups, "umask": 0o027});
+        }
+    };
+    // A non-root user keeps nothing across exec without ambient capabilities (no file caps in
+    // busybox), but the bounding set is the spec's.
+    let plain = guest.sh(
+        "user-default-caps",
+        SHOW_CREDENTIALS,
+        user(1000, 1000, &[10, 20]),
+    );
+    assert_eq!(
+        plain.stdout,
+        credentials(
+            (1000, 1000, "1000 10 20"),
+            "0027",
+            [0, 0, 0, DEFAULT_CAP_MASK, 0],
+            true
+        ),
+        "{}",
+        plain.stderr
+    );
+    let none = guest.sh("user-no-caps", SHOW_CREDENTIALS, |s| {
+        user(1000, 100, &[])(s);
+        s["process"]["capabilities"] = json!({});
+        s["process"]["noNewPrivileges"] = json!(false);
+    });
+    assert_eq!(
+        none.stdout,
+        credentials((1000, 100, "100"), "0027", [0; 5], false),
+        "{}",
+        none.stderr
+    );
+    // Ambient capabilities survive the exec of an unprivileged program.
+    let bind = 1u64 << 10;
+    let ambient = guest.sh("user-ambient", SHOW_CREDENTIALS, |s| {
+        user(33, 33, &[])(s);
+        for set in ["inheritable", "ambient"] {
+            s["process"]["capabilities"][set] = json!(["CAP_NET_BIND_SERVICE"]);
+        }
+        s["process"]["noNewPrivileges"] = json!(false);
+    });
+    assert_eq!(
+        ambient.stdout,
+        credentials(
+            (33, 33, "33"),
+            "0027",
+            [bind, bind, bind, DEFAULT_CAP_MASK, bind],
+            false
+        ),
+        "{}",
+        ambient.stderr
+    );
+    // Root with an extra capability and a seccomp filter loaded before the privilege drop.
+    let admin = 1u64 << 21;
+    let root = guest.sh("root-extra-caps", SHOW_CREDENTIALS, |s| {
+        for set in ["bounding", "effective", "permitted"] {
+            s["process"]["capabilities"][set]
+                .as_array_mut()
+                .unwrap()
+                .push(json!("CAP_SYS_ADMIN"));
+        }
+        s["process"]["noNewPrivileges"] = json!(false);
+        s["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["reboot"], "action": "SCMP_ACT_ERRNO"}]
+        });
+    });
+    let all = DEFAULT_CAP_MASK | admin;
+    assert_eq!(
+        root.stdout,
+        credentials((0, 0, "0"), "0022", [0, all, all, all, 0], false),
+        "{}",
+        root.stderr
+    );
+}
+
+/// Loopback is up with 127.0.0.1 and ::1 in a container's own network namespace and in the
+/// guest's, so a server on localhost answers over IPv4 and IPv6; spec devices get the mode
+/// and owner the spec gives, whatever the agent's umask (022) would leave of them.
+fn check_loopback_and_devices(guest: &Guest) {
+    let serve_and_fetch = "mkdir -p /tmp/www && echo served > /tmp/www/index.html && \
+        httpd -p [::]:8080 -h /tmp/www && wget -qO- http://127.0.0.1:8080/ && \
+        wget -qO- 'http://[::1]:8080/' && ip -o addr show lo | awk '{print $3, $4}'";
+    let own_netns = guest.sh("loopback-netns", serve_and_fetch, |s| {
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "network"}));
+    });
+    let expected = "served\nserved\ninet 127.0.0.1/8\ninet6 ::1/128\n";
+    assert_eq!(own_netns.stdout, expected, "{}", own_netns.stderr);
+    let guest_netns = guest.sh("loopback-guest", serve_and_fetch, |_| {});
+    assert_eq!(guest_netns.stdout, expected, "{}", guest_netns.stderr);
+
+    let devices = guest.sh(
+        "devices",
+        "stat -c '%n %F %a %u %g %t:%T' /dev/fuse /dev/custom",
+        |s| {
+            s["linux"]["devices"] = json!([
+                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o666},
+                {"path": "/dev/custom", "type": "c", "major": 1, "minor": 3, "fileMode": 0o640,
+                 "uid": 5, "gid": 6}
+            ]);
+        },
+    );
+    assert_eq!(
+        devices.stdout,
+        "/dev/fuse character special file 666 0 0 a:e5\n\
+         /dev/custom character special file 640 5 6 1:3\n",
+        "{}",
+        devices.stderr
+    );
 }
 
 /// A long-running container, a process exec'd into it, signals, stats and the process list.

@@ -76,6 +76,20 @@ fn guest_boots_reads_and_writes_disks_and_powers_off() {
         "MemTotal {mib} MiB for a 256 MiB guest"
     );
 
+    // Where user space can use registers the guest kernel does not save across context
+    // switches (PVM hosts: `noxsave`, and the host's XCR0 with AVX-512 in user mode), glibc is
+    // kept off AVX, or processes overwrite each other's AVX registers.
+    let xstate = console
+        .lines()
+        .find_map(|l| l.strip_prefix("cocoon-agent: user xcr0 "))
+        .unwrap_or_else(|| panic!("no extended-state line on the console:\n{console}"));
+    let fields: Vec<&str> = xstate.split(", ").collect();
+    let wide =
+        u64::from_str_radix(fields[0].trim_start_matches("0x"), 16).is_ok_and(|x| x & !0x3 != 0);
+    if wide && fields.get(1) == Some(&"kernel xsave no") {
+        assert_eq!(fields.get(2), Some(&"glibc avx off"), "{xstate}");
+    }
+
     // The read-only disk reads back byte-exact.
     let expected_ro = disk_line("vda", ro_content.len() as u64, checksum(&ro_content));
     assert!(

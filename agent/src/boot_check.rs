@@ -64,6 +64,7 @@ pub fn run(options: &Options) -> Vec<String> {
     if let Some(line) = hwrng() {
         lines.push(line);
     }
+    lines.push(crate::cpu::ExtendedState::read().line());
     let mut disks: Vec<String> = std::fs::read_dir("/sys/block")
         .map(|dir| {
             dir.filter_map(|e| e.ok()?.file_name().into_string().ok())

@@ -9,6 +9,7 @@
 mod boot_check;
 mod console;
 mod container;
+mod cpu;
 mod guest;
 mod mounts;
 mod netif;
@@ -31,6 +32,10 @@ fn main() {
         console::line(&format!("cocoon-agent: {e}"));
     }
     console::reopen();
+    // Containers that share the guest's network namespace find loopback up, as on a host.
+    if let Err(e) = netif::bring_up("lo") {
+        console::line(&format!("cocoon-agent: bring up lo: {e}"));
+    }
     power::mark_agent_up();
     console::line(&format!(
         "cocoon-agent: up, kernel {}, {} cpus, {} MiB",

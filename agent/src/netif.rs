@@ -82,13 +82,23 @@ pub fn configure(name: &str, addr: Ipv4Addr, prefix: u8) -> std::io::Result<()> 
         // SAFETY: the ioctl reads the ifreq we own for the duration of the call.
         check(unsafe { libc::ioctl(sock.as_raw_fd(), request, &mut ifr) })?;
     }
+    set_up(&sock, name)
+}
+
+/// Brings `name` up in the calling thread's network namespace. For `lo` the kernel then adds
+/// 127.0.0.1/8 and ::1 itself, which is all a container's loopback needs.
+pub fn bring_up(name: &str) -> std::io::Result<()> {
+    set_up(&socket(libc::SOCK_DGRAM, 0)?, name)
+}
+
+fn set_up(sock: &OwnedFd, name: &str) -> std::io::Result<()> {
     let mut ifr = ifreq(name)?;
-    // SAFETY: as above; SIOCGIFFLAGS fills ifru_flags.
+    // SAFETY: the ioctl fills the ifreq we own for the duration of the call (ifru_flags).
     check(unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFFLAGS, &mut ifr) })?;
     // SAFETY: the kernel just wrote ifru_flags, the member we read.
     let flags = unsafe { ifr.ifr_ifru.ifru_flags };
     ifr.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    // SAFETY: as above.
+    // SAFETY: as above; SIOCSIFFLAGS reads the ifreq.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFFLAGS, &mut ifr) })?;
     Ok(())
 }

@@ -120,6 +120,34 @@ pub fn build_image(dir: &Path, image: &Path) -> Result<(), ImageError> {
     std::fs::rename(&tmp, image).map_err(io("rename", image))
 }
 
+/// Builds each `(dir, image)` pair, several at a time: mkfs.erofs of a big layer is bound by
+/// one core and by reading the layer's files, so a new image's layers build side by side.
+fn build_images(pairs: &[(&Path, PathBuf)]) -> Result<(), ImageError> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for batch in pairs.chunks(workers.max(1)) {
+        let results: Vec<Result<(), ImageError>> = std::thread::scope(|scope| {
+            let running: Vec<_> = batch
+                .iter()
+                .map(|(dir, image)| scope.spawn(move || build_image(dir, image)))
+                .collect();
+            running
+                .into_iter()
+                .zip(batch)
+                .map(|(t, (dir, _))| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(ImageError::Mkfs {
+                            dir: dir.to_path_buf(),
+                            message: "the image builder thread panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        results.into_iter().collect::<Result<(), ImageError>>()?;
+    }
+    Ok(())
+}
+
 /// A cache key for a layer directory: its canonical path and the identity of its inode. A
 /// layer that is deleted and recreated at the same path gets a new inode or ctime, so a new key.
 fn layer_key(dir: &Path) -> Result<String, ImageError> {
@@ -153,16 +181,18 @@ pub fn images_for(rootfs: &Path, cache: &Path, own_dir: &Path) -> Result<Vec<Lay
     };
     std::fs::create_dir_all(cache).map_err(io("create", cache))?;
     let mut layers = Vec::new();
+    let mut missing = Vec::new();
     for lower in &overlay.lower {
         let image = cache.join(format!("{}.erofs", layer_key(lower)?));
         if !image.exists() {
-            build_image(lower, &image)?;
+            missing.push((lower.as_path(), image.clone()));
         }
         layers.push(Layer {
             image,
             owned: false,
         });
     }
+    build_images(&missing)?;
     if let Some(upper) = overlay.upper.filter(|u| !is_empty_dir(u)) {
         let image = own_dir.join("upper.erofs");
         build_image(&upper, &image)?;

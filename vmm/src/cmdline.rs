@@ -13,7 +13,15 @@ pub const BASE: &str = "reboot=k panic=-1 pci=off nomodules tsc=reliable no_time
 /// What an unmodified guest needs on a PVM host, where guest kernel code is emulated: features
 /// the emulator cannot execute are hidden before the kernel patches its instructions (CPUID
 /// cannot hide them there; see docs/architecture.md).
-pub const PVM_OPTIONS: &str = "noxsave clearcpuid=smap,smep,popcnt,fsgsbase,cx16";
+///
+/// `noxsave` leaves the guest kernel saving only x87 and SSE registers across context switches,
+/// while guest user mode runs with the host's XCR0 (AVX, AVX-512: the host ignores the guest's
+/// XSETBV): guest processes that use AVX overwrite each other's registers. The kernel passes
+/// `GLIBC_TUNABLES` to init as an environment variable; the agent runs with it and hands it to
+/// every container process, so glibc's string and memory functions stay on SSE.
+pub const PVM_OPTIONS: &str = "noxsave clearcpuid=smap,smep,popcnt,fsgsbase,cx16 \
+    GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-FMA,-FMA4,-AVX512F,-AVX512CD,-AVX512BW,\
+    -AVX512DQ,-AVX512VL,-AVX512ER,-AVX512PF";
 
 /// A virtio-mmio device the kernel must be told about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

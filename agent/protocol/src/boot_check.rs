@@ -6,7 +6,9 @@
 //! - `cocoon.panic=1` makes the agent exit instead of powering off, which panics the kernel.
 //!
 //! The agent prints one line per disk: `cocoon-agent: disk vda bytes=N fnv1a64=HEX`, and when
-//! the VM has an entropy device, `cocoon-agent: hwrng bytes=N nonzero=M` for a sample of it.
+//! the VM has an entropy device, `cocoon-agent: hwrng bytes=N nonzero=M` for a sample of it,
+//! and `cocoon-agent: user xcr0 0xN, kernel xsave yes|no`: the register state user space may
+//! use against what the kernel saves across context switches.
 
 /// FNV-1a, 64-bit: a checksum both sides compute the same way, with no SIMD and no dependency.
 #[derive(Debug, Clone, Copy)]

@@ -275,6 +275,12 @@ fn init_body(
         sys.unshare(libc::CLONE_NEWCGROUP)
             .map_err(|e| format!("unshare the cgroup namespace: {e}"))?;
     }
+    if flags & libc::CLONE_NEWNET != 0 {
+        // runc brings a new network namespace's loopback up; programs that talk to themselves
+        // over 127.0.0.1 or ::1 rely on it.
+        sys.link_up("lo")
+            .map_err(|e| format!("bring up lo in the network namespace: {e}"))?;
+    }
     mounts::enter_root(sys, spec, setup).map_err(|e| e.to_string())?;
     if flags & libc::CLONE_NEWUTS != 0 {
         if let Some(hostname) = spec.hostname() {

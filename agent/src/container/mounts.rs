@@ -334,58 +334,66 @@ fn mount_one(sys: &dyn Syscall, setup: &RootfsSetup, mount: &Mount) -> Result<()
     Ok(())
 }
 
-fn create_devices(sys: &dyn Syscall, spec: &Spec, setup: &RootfsSetup) -> Result<(), MountError> {
-    let root = setup.root;
-    let dev = resolve_in_root(sys, root, Path::new("/dev")).context(|| "resolve /dev".into())?;
-    create_dirs(sys, root, &dev).context(|| "create /dev".into())?;
-    let mut devices: Vec<(PathBuf, u32, u32, u32, u32, u32)> = DEFAULT_DEVICES
+/// A device node to create in the container's `/dev`.
+struct DeviceNode {
+    path: PathBuf,
+    /// `S_IFCHR`, `S_IFBLK` or `S_IFIFO`.
+    kind: u32,
+    major: u32,
+    minor: u32,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+/// The default devices, then the spec's `linux.devices` (which replace a default at the same
+/// path), as the spec describes them.
+fn device_nodes(spec: &Spec) -> Vec<DeviceNode> {
+    let mut nodes: Vec<DeviceNode> = DEFAULT_DEVICES
         .iter()
-        .map(|(name, major, minor)| {
-            (
-                PathBuf::from("/dev").join(name),
-                libc::S_IFCHR,
-                *major,
-                *minor,
-                0o666,
-                0,
-            )
+        .map(|(name, major, minor)| DeviceNode {
+            path: PathBuf::from("/dev").join(name),
+            kind: libc::S_IFCHR,
+            major: *major,
+            minor: *minor,
+            mode: 0o666,
+            uid: 0,
+            gid: 0,
         })
         .collect();
-    for device in spec
+    let spec_devices = spec
         .linux()
         .as_ref()
         .and_then(|l| l.devices().as_ref())
         .into_iter()
-        .flatten()
-    {
+        .flatten();
+    for device in spec_devices {
         let kind = match device.typ() {
             LinuxDeviceType::C | LinuxDeviceType::U => libc::S_IFCHR,
             LinuxDeviceType::B => libc::S_IFBLK,
             LinuxDeviceType::P => libc::S_IFIFO,
             LinuxDeviceType::A => continue,
         };
-        let owner = device.uid().unwrap_or(0);
-        let group = device.gid().unwrap_or(0);
-        devices.retain(|d| d.0 != *device.path());
-        devices.push((
-            device.path().clone(),
+        nodes.retain(|n| n.path != *device.path());
+        nodes.push(DeviceNode {
+            path: device.path().clone(),
             kind,
-            device.major() as u32,
-            device.minor() as u32,
-            device.file_mode().unwrap_or(0o666) & 0o7777,
-            (u64::from(owner) << 32 | u64::from(group)) as u32,
-        ));
-        if owner != 0 || group != 0 {
-            // chown below needs both ids; keep them out of the tuple's packed field.
-            let target = resolve_in_root(sys, root, device.path())
-                .context(|| format!("resolve {}", device.path().display()))?;
-            devices.pop();
-            make_device(sys, root, &target, kind, device, setup)?;
-            sys.chown(&target, owner, group)
-                .context(|| format!("chown {}", device.path().display()))?;
-        }
+            major: device.major() as u32,
+            minor: device.minor() as u32,
+            mode: device.file_mode().unwrap_or(0o666) & 0o7777,
+            uid: device.uid().unwrap_or(0),
+            gid: device.gid().unwrap_or(0),
+        });
     }
-    for (path, kind, major, minor, mode, _) in &devices {
+    nodes
+}
+
+fn create_devices(sys: &dyn Syscall, spec: &Spec, setup: &RootfsSetup) -> Result<(), MountError> {
+    let root = setup.root;
+    let dev = resolve_in_root(sys, root, Path::new("/dev")).context(|| "resolve /dev".into())?;
+    create_dirs(sys, root, &dev).context(|| "create /dev".into())?;
+    for node in device_nodes(spec) {
+        let path = &node.path;
         let target =
             resolve_in_root(sys, root, path).context(|| format!("resolve {}", path.display()))?;
         if let Some(parent) = target.parent() {
@@ -402,9 +410,20 @@ fn create_devices(sys: &dyn Syscall, spec: &Spec, setup: &RootfsSetup) -> Result
                 None,
             )
             .context(|| format!("bind {}", path.display()))?;
-        } else if sys.file_kind(&target).ok().flatten().is_none() {
-            sys.mknod(&target, kind | mode, *major, *minor)
-                .context(|| format!("mknod {}", path.display()))?;
+            continue;
+        }
+        // A node the image already has stays as it is, as under runc.
+        if sys.file_kind(&target).ok().flatten().is_some() {
+            continue;
+        }
+        sys.mknod(&target, node.kind | node.mode, node.major, node.minor)
+            .context(|| format!("mknod {}", path.display()))?;
+        // mknod(2) applies the umask; the spec's fileMode is meant exactly.
+        sys.chmod(&target, node.mode)
+            .context(|| format!("chmod {}", path.display()))?;
+        if node.uid != 0 || node.gid != 0 {
+            sys.chown(&target, node.uid, node.gid)
+                .context(|| format!("chown {}", path.display()))?;
         }
     }
     for (target, name) in DEV_SYMLINKS {
@@ -412,41 +431,6 @@ fn create_devices(sys: &dyn Syscall, spec: &Spec, setup: &RootfsSetup) -> Result
             .context(|| format!("symlink /dev/{name}"))?;
     }
     Ok(())
-}
-
-fn make_device(
-    sys: &dyn Syscall,
-    root: &Path,
-    target: &Path,
-    kind: u32,
-    device: &oci_spec::runtime::LinuxDevice,
-    setup: &RootfsSetup,
-) -> Result<(), MountError> {
-    let path = device.path();
-    if let Some(parent) = target.parent() {
-        create_dirs(sys, root, parent).context(|| format!("create {}", path.display()))?;
-    }
-    if setup.in_user_namespace {
-        create_mount_point(sys, root, target, true)
-            .context(|| format!("create {}", path.display()))?;
-        return sys
-            .mount(
-                Some(&path.to_string_lossy()),
-                target,
-                None,
-                libc::MS_BIND,
-                None,
-            )
-            .context(|| format!("bind {}", path.display()));
-    }
-    let mode = device.file_mode().unwrap_or(0o666) & 0o7777;
-    sys.mknod(
-        target,
-        kind | mode,
-        device.major() as u32,
-        device.minor() as u32,
-    )
-    .context(|| format!("mknod {}", path.display()))
 }
 
 /// After `pivot_root`: hide masked paths, make read-only paths and (if asked) the root read-only.
@@ -633,6 +617,44 @@ mod tests {
                 "mount / - - 0x1023 -",
             ]
         );
+    }
+
+    #[test]
+    fn spec_devices_get_exactly_their_mode_and_owner() {
+        let sys = Recorder::with_dirs(&["/r"]);
+        let spec = spec(
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},
+            "linux":{"devices":[
+              {"path":"/dev/fuse","type":"c","major":10,"minor":229,"fileMode":438},
+              {"path":"/dev/disk/sda","type":"b","major":8,"minor":0,"fileMode":432,"uid":5,"gid":6},
+              {"path":"/dev/null","type":"c","major":1,"minor":3,"fileMode":384}
+            ]}}"#,
+        );
+        let setup = RootfsSetup {
+            root: Path::new("/r"),
+            console: None,
+            in_user_namespace: false,
+            cgroup_without_namespace: None,
+        };
+        enter_root(&sys, &spec, &setup).unwrap();
+        let calls = sys.calls();
+        let after = |call: &str| calls.iter().position(|c| c == call);
+        let fuse = after("mknod /r/dev/fuse 20666 10:229").expect("fuse made");
+        assert_eq!(calls[fuse + 1], "chmod /r/dev/fuse 666");
+        let disk = after("mknod /r/dev/disk/sda 60660 8:0").expect("disk made");
+        assert_eq!(
+            calls[disk + 1..disk + 3],
+            ["chmod /r/dev/disk/sda 660", "chown /r/dev/disk/sda 5:6"]
+        );
+        // The spec's /dev/null replaces the default one, once.
+        assert_eq!(
+            sys.calls_of("mknod")
+                .iter()
+                .filter(|c| c.contains("dev/null"))
+                .count(),
+            1
+        );
+        assert!(after("chmod /r/dev/null 600").is_some());
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! ```text
 //!   A = arch;  if A != AUDIT_ARCH_X86_64            -> KILL_PROCESS
 //!   A = nr;    if A >= X32_BIT && A != 0xffffffff   -> KILL_PROCESS
-//!   rule 1 block, rule 2 block, ...   (first matching rule wins)
+//!              if A > last && A != 0xffffffff       -> ERRNO(ENOSYS)  (only for some profiles)
+//!   unconditional rule blocks, then conditional rule blocks
 //!   RET default action
 //! ```
 //!
@@ -21,24 +22,57 @@
 //! failed argument comparison lands on a 32-bit `JA` placed right after it.
 //! The program therefore scales to any profile size up to `BPF_MAXINSNS`.
 //!
-//! # Semantics chosen (and how they differ from runc + libseccomp)
+//! # Semantics
 //!
-//! * Only x86_64 is supported: `architectures` is ignored. Any other audit
-//!   arch (including 32-bit `int 0x80` calls, even if the profile lists
-//!   `SCMP_ARCH_X86`) kills the process.
+//! A profile means what it means under runc, which hands each rule to
+//! libseccomp (`libcontainer/seccomp/seccomp_linux.go: matchCall`):
+//!
+//! * A rule whose action (errno included) equals the default action is
+//!   dropped: runc skips it because libseccomp refuses it
+//!   (`seccomp_rule_add_array`: `-EACCES`).
+//! * For one syscall, a rule without argument conditions overrides every
+//!   conditional rule, wherever the rules stand in the profile, and the first
+//!   such rule wins over later ones. libseccomp keeps one decision per syscall
+//!   (`db.c: db_rule_add`): adding an unconditional rule deletes the
+//!   syscall's argument tree, and a rule added after an unconditional one is
+//!   discarded ("existing filter is at least as large as the new entry").
+//!   There is no fallthrough from failed comparisons to an unconditional
+//!   action. A rule whose conditions are all tautologies (`SCMP_CMP_MASKED_EQ`
+//!   with mask 0, for which libseccomp emits no comparison) is unconditional.
+//! * Conditional rules for one syscall are tried in profile order and the
+//!   first match wins. libseccomp instead sorts its argument tree by argument,
+//!   operator and value, and refuses (`-EEXIST`, a runc error) some overlaps
+//!   with different actions. Both agree whenever a syscall's conditional
+//!   rules do not overlap with different actions, which is the case for the
+//!   usual profiles; reproducing the tree is not worth a second libseccomp.
+//! * Argument conditions of a rule are ANDed, except that when two or more
+//!   conditions of one rule share an argument index, each condition is
+//!   treated as an alternative (OR), as runc does (libseccomp refuses the
+//!   repeated index, so runc adds one rule per condition).
+//! * `SCMP_CMP_MASKED_EQ`: `value` is the mask and `valueTwo` (0 if absent)
+//!   the datum, and the test is `(arg & mask) == (datum & mask)`: libseccomp
+//!   masks the datum when it builds the rule (`db.c: _db_node_mask_fixup`),
+//!   so datum bits outside the mask never matter.
+//! * When the default action is neither allow, log nor trace and the profile
+//!   lists `SCMP_ARCH_X86_64` (or `SCMP_ARCH_NATIVE`) in `architectures`, a
+//!   syscall numbered above the highest number the profile names gets
+//!   `ENOSYS` instead of the default action, as runc's `patchbpf` stub gives
+//!   it: the profile predates such syscalls, and `ENOSYS` is what makes libc
+//!   fall back on an older one (clone3 to clone, say) where `EPERM` would be
+//!   a hard failure. As in runc, a highest number of 0 means no stub, and
+//!   `nr == -1` skips it; a default that already answers `ENOSYS` needs none.
+//! * Syscall names unknown on x86_64 are skipped, as runc does.
+//! * `errnoRet` defaults to `EPERM` for `SCMP_ACT_ERRNO` and `SCMP_ACT_TRACE`.
+//!
+//! Where this runtime deliberately differs from runc:
+//!
+//! * Only x86_64 is supported: `architectures` only decides the `ENOSYS` stub.
+//!   Any other audit arch (including 32-bit `int 0x80` calls, even if the
+//!   profile lists `SCMP_ARCH_X86`) kills the process.
 //! * x32 syscalls (nr with bit 30 set) kill the process rather than taking the
 //!   default action, so that an allow-by-default profile cannot be bypassed
 //!   by re-issuing a denied call through the x32 ABI. `nr == -1` is exempt: a
 //!   tracer uses it to skip a syscall, and it falls to the default action.
-//! * Rules are evaluated in profile order and the first match wins. libseccomp
-//!   instead merges all rules per syscall; the two agree for every profile in
-//!   which one syscall does not get conflicting actions from different rules.
-//! * Argument conditions of a rule are ANDed, except that when two or more
-//!   conditions of one rule share an argument index, each condition is
-//!   treated as an alternative (OR), matching runc's long-standing behaviour.
-//! * `SCMP_CMP_MASKED_EQ` with no `valueTwo` compares against 0.
-//! * Syscall names unknown on x86_64 are skipped, as runc does.
-//! * `errnoRet` defaults to `EPERM` for `SCMP_ACT_ERRNO` and `SCMP_ACT_TRACE`.
 //! * `SCMP_ACT_NOTIFY` is rejected: there is no notify agent in the guest.
 //!
 //! Unknown action or operator strings cannot reach this module: `oci-spec`
@@ -48,7 +82,8 @@ use std::collections::HashSet;
 use std::mem::offset_of;
 
 use oci_spec::runtime::{
-    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag, LinuxSeccompOperator,
+    Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag,
+    LinuxSeccompOperator,
 };
 
 mod table {
@@ -143,15 +178,9 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<libc::sock_filter>, Seccomp
         || "default action".to_owned(),
     )?;
 
-    let mut asm = Asm::default();
-    emit_prologue(&mut asm);
-
-    // Syscalls that an earlier argument-free rule already returns for; later
-    // rules can never see them, so emitting them again would only waste space.
-    let mut decided: HashSet<u32> = HashSet::new();
-    // Argument checks overwrite the accumulator; track when `nr` must be reloaded.
-    let mut acc_holds_nr = true;
-
+    let mut rules: Vec<Rule<'_>> = Vec::new();
+    // Counts rules that are dropped below too: runc's stub looks at every name.
+    let mut highest_nr: Option<u32> = None;
     for (idx, rule) in profile.syscalls().iter().flatten().enumerate() {
         // Validate before skipping, so a profile's errors do not depend on
         // which of its names this architecture happens to know.
@@ -166,28 +195,61 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<libc::sock_filter>, Seccomp
 
         let mut nrs: Vec<u32> = Vec::new();
         for nr in rule.names().iter().filter_map(|n| syscall_number(n)) {
-            if !decided.contains(&nr) && !nrs.contains(&nr) {
+            highest_nr = highest_nr.max(Some(nr));
+            if !nrs.contains(&nr) {
                 nrs.push(nr);
             }
         }
-        if nrs.is_empty() {
+        if ret == default_ret || nrs.is_empty() {
             continue;
         }
+        let alternatives = alternatives(args);
+        // One tautological alternative makes the whole rule match every call.
+        let alternatives = if alternatives.iter().any(Vec::is_empty) {
+            Vec::new()
+        } else {
+            alternatives
+        };
+        rules.push(Rule {
+            nrs,
+            alternatives,
+            ret,
+        });
+    }
 
+    let mut asm = Asm::default();
+    emit_prologue(&mut asm, enosys_above(profile, default_ret, highest_nr));
+
+    // Unconditional rules go first so that no conditional block can answer
+    // for a syscall they decide; see the module docs for why they win.
+    let mut decided: HashSet<u32> = HashSet::new();
+    for rule in rules.iter().filter(|r| r.alternatives.is_empty()) {
+        let nrs: Vec<u32> = rule
+            .nrs
+            .iter()
+            .copied()
+            .filter(|&nr| decided.insert(nr))
+            .collect();
+        for group in nrs.chunks(MAX_GROUP) {
+            emit_plain_group(&mut asm, group, rule.ret);
+        }
+    }
+
+    // Argument checks overwrite the accumulator; track when `nr` must be reloaded.
+    let mut acc_holds_nr = true;
+    for rule in rules.iter().filter(|r| !r.alternatives.is_empty()) {
+        let nrs: Vec<u32> = rule
+            .nrs
+            .iter()
+            .copied()
+            .filter(|nr| !decided.contains(nr))
+            .collect();
         for group in nrs.chunks(MAX_GROUP) {
             if !acc_holds_nr {
                 asm.load(OFF_NR);
-                acc_holds_nr = true;
             }
-            if args.is_empty() {
-                emit_plain_group(&mut asm, group, ret);
-            } else {
-                emit_conditional_group(&mut asm, group, &alternatives(args), ret);
-                acc_holds_nr = false;
-            }
-        }
-        if args.is_empty() {
-            decided.extend(nrs);
+            emit_conditional_group(&mut asm, group, &rule.alternatives, rule.ret);
+            acc_holds_nr = false;
         }
     }
 
@@ -195,9 +257,45 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<libc::sock_filter>, Seccomp
     asm.finish()
 }
 
+/// A rule that survived validation and can still match something.
+struct Rule<'a> {
+    /// Its x86_64 syscall numbers, each once.
+    nrs: Vec<u32>,
+    /// Empty for an unconditional rule.
+    alternatives: Vec<Vec<&'a LinuxSeccompArg>>,
+    ret: u32,
+}
+
+/// The number above which runc's `patchbpf` would answer `ENOSYS`, if it
+/// would add its stub to this profile at all.
+fn enosys_above(profile: &LinuxSeccomp, default_ret: u32, highest_nr: Option<u32>) -> Option<u32> {
+    // A tracer or an allow-by-default profile is expected to cope with new
+    // syscalls itself (runc: isAllowAction).
+    let permissive = matches!(
+        profile.default_action(),
+        LinuxSeccompAction::ScmpActAllow
+            | LinuxSeccompAction::ScmpActLog
+            | LinuxSeccompAction::ScmpActTrace
+    );
+    // runc only patches the architectures the profile lists. It refuses
+    // SCMP_ARCH_NATIVE, but here native can only mean x86_64.
+    let lists_x86_64 = profile
+        .architectures()
+        .iter()
+        .flatten()
+        .any(|a| matches!(a, Arch::ScmpArchX86_64 | Arch::ScmpArchNative));
+    let already_enosys = default_ret == libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+    if permissive || !lists_x86_64 || already_enosys {
+        return None;
+    }
+    // runc treats a highest number of 0 (only `read`) as "no syscalls found".
+    highest_nr.filter(|&nr| nr != 0)
+}
+
 /// Kills anything that is not a native x86_64 syscall before rules run, so
-/// rules only ever compare x86_64 numbers.
-fn emit_prologue(asm: &mut Asm) {
+/// rules only ever compare x86_64 numbers, and answers `ENOSYS` for numbers
+/// above `enosys_above`, which no rule names.
+fn emit_prologue(asm: &mut Asm, enosys_above: Option<u32>) {
     let kill = libc::SECCOMP_RET_KILL_PROCESS;
     let arch_ok = asm.label();
     asm.load(OFF_ARCH);
@@ -205,12 +303,19 @@ fn emit_prologue(asm: &mut Asm) {
     asm.ret(kill);
     asm.bind(arch_ok);
 
+    let rules = asm.label();
     let native = asm.label();
     asm.load(OFF_NR);
     asm.jump(JMP_JGE_K, X32_SYSCALL_BIT, To::Next, To::L(native));
-    asm.jump(JMP_JEQ_K, u32::MAX, To::L(native), To::Next);
+    // -1 skips the ENOSYS test too: it is no syscall, new or old.
+    asm.jump(JMP_JEQ_K, u32::MAX, To::L(rules), To::Next);
     asm.ret(kill);
     asm.bind(native);
+    if let Some(last) = enosys_above {
+        asm.jump(JMP_JGT_K, last, To::Next, To::L(rules));
+        asm.ret(libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
+    }
+    asm.bind(rules);
 }
 
 /// `if nr in group: return ret` — one compare per syscall, one shared return.
@@ -263,17 +368,27 @@ fn emit_conditional_group(
 }
 
 /// runc's rule: conditions are ANDed unless an argument index repeats, in
-/// which case every condition becomes its own alternative.
+/// which case every condition becomes its own alternative. Conditions that
+/// always hold are left out, as libseccomp leaves them out of its tree, so an
+/// empty alternative matches every call.
 fn alternatives(args: &[LinuxSeccompArg]) -> Vec<Vec<&LinuxSeccompArg>> {
     let mut seen = [false; MAX_ARG_INDEX + 1];
     let repeats = args
         .iter()
         .any(|a| std::mem::replace(&mut seen[a.index()], true));
+    let tested = |a: &&LinuxSeccompArg| !always_holds(a);
     if repeats {
-        args.iter().map(|a| vec![a]).collect()
+        args.iter()
+            .map(|a| std::iter::once(a).filter(tested).collect())
+            .collect()
     } else {
-        vec![args.iter().collect()]
+        vec![args.iter().filter(tested).collect()]
     }
+}
+
+/// `(arg & 0) == (datum & 0)` is true for every argument.
+fn always_holds(cond: &LinuxSeccompArg) -> bool {
+    cond.op() == LinuxSeccompOperator::ScmpCmpMaskedEq && cond.value() == 0
 }
 
 /// Falls through when `cond` holds and jumps to `fail` otherwise.
@@ -329,14 +444,22 @@ fn emit_condition(asm: &mut Asm, cond: &LinuxSeccompArg, fail: Label) {
             asm.load(lo_off);
             asm.jump(lo_cmp, v_lo, nope, yes);
         }
+        // `value` is the mask. The datum is masked too, as libseccomp masks
+        // it, and a word whose mask is 0 needs no test (`always_holds` keeps
+        // both words from being 0).
         LinuxSeccompOperator::ScmpCmpMaskedEq => {
-            let (w_hi, w_lo) = split(cond.value_two().unwrap_or(0));
-            asm.load(hi_off);
-            asm.alu_and(v_hi);
-            asm.jump(JMP_JEQ_K, w_hi, To::Next, nope);
-            asm.load(lo_off);
-            asm.alu_and(v_lo);
-            asm.jump(JMP_JEQ_K, w_lo, yes, nope);
+            let (w_hi, w_lo) = split(cond.value_two().unwrap_or(0) & cond.value());
+            if v_hi != 0 {
+                asm.load(hi_off);
+                asm.alu_and(v_hi);
+                let on_eq = if v_lo == 0 { yes } else { To::Next };
+                asm.jump(JMP_JEQ_K, w_hi, on_eq, nope);
+            }
+            if v_lo != 0 {
+                asm.load(lo_off);
+                asm.alu_and(v_lo);
+                asm.jump(JMP_JEQ_K, w_lo, yes, nope);
+            }
         }
     }
     asm.bind(no);
@@ -491,9 +614,11 @@ fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::container::syscall::{Errno, LinuxSyscall as RealSyscalls, Syscall};
     use oci_spec::runtime::{
         LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSyscall, LinuxSyscallBuilder,
     };
+    use std::sync::atomic::{AtomicU32, Ordering};
 
     const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
     const KILL_PROCESS: u32 = libc::SECCOMP_RET_KILL_PROCESS;
@@ -853,21 +978,14 @@ mod tests {
         assert_eq!(call(0x1_0000_0000), errno(libc::EPERM));
         assert_eq!(call(libc::CLONE_NEWNS as u64), errno(libc::EPERM));
 
-        // Non-zero valueTwo, and a valueTwo outside the mask never matches.
+        // Non-zero valueTwo in both words.
         let p = profile(
             ScmpActAllow,
-            vec![
-                rule_with_args(
-                    &["fcntl"],
-                    ScmpActErrno,
-                    vec![arg(1, ScmpCmpMaskedEq, 0xff_0000_00ff, 0x12_0000_0034)],
-                ),
-                rule_with_args(
-                    &["dup"],
-                    ScmpActErrno,
-                    vec![arg(0, ScmpCmpMaskedEq, 0xf0, 0x0f)],
-                ),
-            ],
+            vec![rule_with_args(
+                &["fcntl"],
+                ScmpActErrno,
+                vec![arg(1, ScmpCmpMaskedEq, 0xff_0000_00ff, 0x12_0000_0034)],
+            )],
         );
         let prog = compile_ok(&p);
         let fcntl = |a: u64| run(&prog, &Data::call(nr("fcntl"), &[0, a]));
@@ -875,9 +993,43 @@ mod tests {
         assert_eq!(fcntl(0x12_0000_0034), errno(libc::EPERM));
         assert_eq!(fcntl(0x13_0000_0034), ALLOW);
         assert_eq!(fcntl(0x12_0000_0035), ALLOW);
-        for a in [0u64, 0x0f, 0xff, u64::MAX] {
-            assert_eq!(run(&prog, &Data::call(nr("dup"), &[a])), ALLOW);
-        }
+    }
+
+    /// libseccomp masks the datum as well (`db.c: _db_node_mask_fixup`), so
+    /// `valueTwo` bits outside the mask are ignored rather than making the
+    /// condition unsatisfiable.
+    #[test]
+    fn masked_eq_masks_the_datum_too() {
+        let p = profile(
+            ScmpActAllow,
+            vec![
+                rule_with_args(
+                    &["dup"],
+                    ScmpActErrno,
+                    vec![arg(0, ScmpCmpMaskedEq, 0xf0, 0x0f)],
+                ),
+                rule_with_args(
+                    &["fcntl"],
+                    ScmpActErrno,
+                    vec![arg(1, ScmpCmpMaskedEq, 0xff_0000_0000, 0x1234_0000_5678)],
+                ),
+            ],
+        );
+        let prog = compile_ok(&p);
+        let dup = |a: u64| run(&prog, &Data::call(nr("dup"), &[a]));
+        // (a & 0xf0) == (0x0f & 0xf0) == 0
+        assert_eq!(dup(0), errno(libc::EPERM));
+        assert_eq!(dup(0x0f), errno(libc::EPERM));
+        assert_eq!(dup(0xff0f), errno(libc::EPERM));
+        assert_eq!(dup(0x10), ALLOW);
+        assert_eq!(dup(0xff), ALLOW);
+        let fcntl = |a: u64| run(&prog, &Data::call(nr("fcntl"), &[0, a]));
+        // (a & 0xff_0000_0000) == 0x34_0000_0000; the low word is not tested.
+        assert_eq!(fcntl(0x34_0000_0000), errno(libc::EPERM));
+        assert_eq!(fcntl(0x1234_ffff_ffff), errno(libc::EPERM));
+        assert_eq!(fcntl(0x1234_0000_5678), errno(libc::EPERM));
+        assert_eq!(fcntl(0x35_0000_5678), ALLOW);
+        assert_eq!(fcntl(0x5678), ALLOW);
     }
 
     #[test]
@@ -909,7 +1061,35 @@ mod tests {
     }
 
     #[test]
-    fn first_matching_rule_wins_and_later_duplicates_are_dropped() {
+    fn first_unconditional_rule_wins_and_later_ones_are_dropped() {
+        let p = profile(
+            ScmpActAllow,
+            vec![
+                rule(&["kill", "tkill"], ScmpActTrap),
+                rule(&["kill"], ScmpActKillProcess),
+                rule(&["tgkill", "tkill"], ScmpActErrno),
+            ],
+        );
+        let prog = compile_ok(&p);
+        let call = |name: &str| run(&prog, &Data::call(nr(name), &[1, 9]));
+        assert_eq!(call("kill"), libc::SECCOMP_RET_TRAP);
+        assert_eq!(call("tkill"), libc::SECCOMP_RET_TRAP);
+        assert_eq!(call("tgkill"), errno(libc::EPERM));
+        // Names already decided are emitted as nothing.
+        let without = profile(
+            ScmpActAllow,
+            vec![
+                rule(&["kill", "tkill"], ScmpActTrap),
+                rule(&["tgkill"], ScmpActErrno),
+            ],
+        );
+        assert_eq!(raw(&prog), raw(&compile_ok(&without)));
+    }
+
+    /// Among conditional rules for one syscall profile order decides (see the
+    /// module docs for how that relates to libseccomp).
+    #[test]
+    fn first_matching_conditional_rule_wins() {
         let p = profile(
             ScmpActAllow,
             vec![
@@ -918,20 +1098,248 @@ mod tests {
                     ScmpActErrno,
                     vec![arg(1, ScmpCmpEq, libc::SIGKILL as u64, 0)],
                 ),
-                rule(&["kill", "tkill"], ScmpActTrap),
-                rule(&["kill"], ScmpActKillProcess),
+                rule_with_args(&["kill"], ScmpActTrap, vec![arg(0, ScmpCmpEq, 1, 0)]),
             ],
         );
         let prog = compile_ok(&p);
-        let kill = |sig: i32| run(&prog, &Data::call(nr("kill"), &[1, sig as u64]));
-        assert_eq!(kill(libc::SIGKILL), errno(libc::EPERM));
-        assert_eq!(kill(libc::SIGTERM), libc::SECCOMP_RET_TRAP);
-        // The third rule is unreachable and therefore emitted as nothing.
+        let kill = |pid: u64, sig: i32| run(&prog, &Data::call(nr("kill"), &[pid, sig as u64]));
+        assert_eq!(kill(1, libc::SIGKILL), errno(libc::EPERM));
+        assert_eq!(kill(1, libc::SIGTERM), libc::SECCOMP_RET_TRAP);
+        assert_eq!(kill(2, libc::SIGTERM), ALLOW);
+    }
+
+    /// runc skips a rule whose action is the default one (libseccomp would
+    /// refuse it), so it can neither shadow nor be shadowed by other rules.
+    #[test]
+    fn rules_with_the_default_action_are_dropped() {
+        // runc refuses socket(AF_VSOCK) here: only the conditional rule is left.
+        let p = profile(
+            ScmpActAllow,
+            vec![
+                rule(&["socket"], ScmpActAllow),
+                rule_with_args(
+                    &["socket"],
+                    ScmpActErrno,
+                    vec![arg(0, ScmpCmpEq, libc::AF_VSOCK as u64, 0)],
+                ),
+            ],
+        );
+        let prog = compile_ok(&p);
+        let socket = |domain: i32| run(&prog, &Data::call(nr("socket"), &[domain as u64, 1, 0]));
+        assert_eq!(socket(libc::AF_VSOCK), errno(libc::EPERM));
+        assert_eq!(socket(libc::AF_INET), ALLOW);
         let without = profile(
             ScmpActAllow,
-            p.syscalls().clone().unwrap_or_default()[..2].to_vec(),
+            p.syscalls().clone().unwrap_or_default()[1..].to_vec(),
         );
         assert_eq!(raw(&prog), raw(&compile_ok(&without)));
+
+        // A dropped conditional rule does not hide a later one either.
+        let p = profile(
+            ScmpActErrno,
+            vec![
+                rule_with_args(
+                    &["socket"],
+                    ScmpActErrno,
+                    vec![arg(0, ScmpCmpEq, libc::AF_VSOCK as u64, 0)],
+                ),
+                rule_with_args(
+                    &["socket"],
+                    ScmpActAllow,
+                    vec![arg(1, ScmpCmpEq, libc::SOCK_STREAM as u64, 0)],
+                ),
+            ],
+        );
+        let prog = compile_ok(&p);
+        let socket = |a: &[u64]| run(&prog, &Data::call(nr("socket"), a));
+        assert_eq!(
+            socket(&[libc::AF_VSOCK as u64, libc::SOCK_STREAM as u64]),
+            ALLOW
+        );
+        assert_eq!(
+            socket(&[libc::AF_VSOCK as u64, libc::SOCK_DGRAM as u64]),
+            errno(libc::EPERM)
+        );
+
+        // The errno is part of the action; KILL and KILL_THREAD are one action.
+        let mut eacces = rule(&["mkdir"], ScmpActErrno);
+        eacces.set_errno_ret(Some(libc::EACCES as u32));
+        let prog = compile_ok(&profile(ScmpActErrno, vec![eacces]));
+        assert_eq!(
+            run(&prog, &Data::call(nr("mkdir"), &[])),
+            errno(libc::EACCES)
+        );
+        let p = profile(ScmpActKill, vec![rule(&["ptrace"], ScmpActKillThread)]);
+        assert_eq!(
+            raw(&compile_ok(&p)),
+            raw(&compile_ok(&profile(ScmpActKill, vec![])))
+        );
+    }
+
+    /// libseccomp keeps one decision per syscall: an unconditional rule
+    /// replaces the syscall's argument tree, and conditional rules added
+    /// after it are discarded (`db.c: db_rule_add`).
+    #[test]
+    fn unconditional_rule_wins_over_conditional_rules_in_any_order() {
+        let mut vsock = rule_with_args(
+            &["socket", "connect"],
+            ScmpActErrno,
+            vec![arg(0, ScmpCmpEq, libc::AF_VSOCK as u64, 0)],
+        );
+        vsock.set_errno_ret(Some(libc::EACCES as u32));
+        let allow = rule(&["socket", "bind"], ScmpActAllow);
+        for rules in [
+            vec![vsock.clone(), allow.clone()],
+            vec![allow.clone(), vsock.clone()],
+        ] {
+            let prog = compile_ok(&profile(ScmpActErrno, rules));
+            let call = |name: &str, a0: i32| run(&prog, &Data::call(nr(name), &[a0 as u64]));
+            assert_eq!(call("socket", libc::AF_VSOCK), ALLOW);
+            assert_eq!(call("socket", libc::AF_INET), ALLOW);
+            assert_eq!(call("bind", 3), ALLOW);
+            // The conditional rule still decides for its other syscall.
+            assert_eq!(call("connect", libc::AF_VSOCK), errno(libc::EACCES));
+            assert_eq!(call("connect", 3), errno(libc::EPERM));
+        }
+
+        // The same with a denying unconditional rule under allow-by-default.
+        let cond = rule_with_args(&["ptrace"], ScmpActErrno, vec![arg(0, ScmpCmpGe, 0, 0)]);
+        let kill = rule(&["ptrace"], ScmpActKillProcess);
+        for rules in [vec![cond.clone(), kill.clone()], vec![kill, cond]] {
+            let prog = compile_ok(&profile(ScmpActAllow, rules));
+            assert_eq!(run(&prog, &Data::call(nr("ptrace"), &[16])), KILL_PROCESS);
+        }
+    }
+
+    /// libseccomp emits no comparison for a zero mask, so a rule made only of
+    /// such conditions is unconditional, with an unconditional rule's
+    /// precedence.
+    #[test]
+    fn masked_eq_with_zero_mask_makes_a_rule_unconditional() {
+        let mut vsock = rule_with_args(
+            &["socket"],
+            ScmpActErrno,
+            vec![arg(0, ScmpCmpEq, libc::AF_VSOCK as u64, 0)],
+        );
+        vsock.set_errno_ret(Some(libc::EACCES as u32));
+        let p = profile(
+            ScmpActErrno,
+            vec![
+                vsock,
+                rule_with_args(
+                    &["socket"],
+                    ScmpActAllow,
+                    vec![arg(2, ScmpCmpMaskedEq, 0, 5)],
+                ),
+                // With a repeated index each condition is a rule of its own.
+                rule_with_args(
+                    &["personality"],
+                    ScmpActAllow,
+                    vec![arg(0, ScmpCmpEq, 8, 0), arg(0, ScmpCmpMaskedEq, 0, 1)],
+                ),
+            ],
+        );
+        let prog = compile_ok(&p);
+        let call = |name: &str, a: &[u64]| run(&prog, &Data::call(nr(name), a));
+        assert_eq!(call("socket", &[libc::AF_VSOCK as u64, 1, 0]), ALLOW);
+        assert_eq!(call("personality", &[1]), ALLOW);
+        let unconditional = profile(
+            ScmpActErrno,
+            vec![
+                rule(&["socket"], ScmpActAllow),
+                rule(&["personality"], ScmpActAllow),
+            ],
+        );
+        assert_eq!(raw(&prog), raw(&compile_ok(&unconditional)));
+    }
+
+    /// What Docker's default profile lists.
+    fn docker_arches() -> Vec<Arch> {
+        vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]
+    }
+
+    /// runc's `patchbpf` stub: numbers above the highest one the profile
+    /// names get ENOSYS, so that libc falls back on older syscalls.
+    #[test]
+    fn syscalls_above_the_profile_get_enosys() {
+        let enosys = errno(libc::ENOSYS);
+        let mut p = profile(
+            ScmpActErrno,
+            vec![
+                rule(&["read", "write", "openat"], ScmpActAllow),
+                // Dropped as the default action, but its number counts, as in runc.
+                rule(&["clone3"], ScmpActErrno),
+                rule(&["no_such_syscall"], ScmpActAllow),
+            ],
+        );
+        p.set_architectures(Some(docker_arches()));
+        let prog = compile_ok(&p);
+        let call = |n: u32| run(&prog, &Data::call(n, &[]));
+        assert_eq!(call(nr("openat")), ALLOW);
+        assert_eq!(call(nr("mkdir")), errno(libc::EPERM));
+        assert_eq!(call(nr("clone3")), errno(libc::EPERM));
+        assert_eq!(call(nr("clone3") + 1), enosys);
+        assert_eq!(call(4000), enosys);
+        assert_eq!(call(X32_SYSCALL_BIT - 1), enosys);
+        // Neither a tracer's -1 nor x32 is a new syscall.
+        assert_eq!(call(u32::MAX), errno(libc::EPERM));
+        assert_eq!(call(X32_SYSCALL_BIT | 4000), KILL_PROCESS);
+
+        // Killing and trapping defaults get the stub too.
+        for (default, ret) in [
+            (ScmpActKillProcess, KILL_PROCESS),
+            (ScmpActKill, libc::SECCOMP_RET_KILL_THREAD),
+            (ScmpActTrap, libc::SECCOMP_RET_TRAP),
+        ] {
+            p.set_default_action(default);
+            let prog = compile_ok(&p);
+            assert_eq!(run(&prog, &Data::call(4000, &[])), enosys, "{default:?}");
+            assert_eq!(
+                run(&prog, &Data::call(nr("mkdir"), &[])),
+                ret,
+                "{default:?}"
+            );
+        }
+
+        // SCMP_ARCH_NATIVE is x86_64 here.
+        let mut p = profile(ScmpActErrno, vec![rule(&["openat"], ScmpActAllow)]);
+        p.set_architectures(Some(vec![Arch::ScmpArchNative]));
+        assert_eq!(run(&compile_ok(&p), &Data::call(4000, &[])), enosys);
+    }
+
+    /// Where runc adds no stub, new syscalls take the default action.
+    #[test]
+    fn no_enosys_stub_where_runc_adds_none() {
+        let with = |default: LinuxSeccompAction, arches: Option<Vec<Arch>>| {
+            let mut p = profile(default, vec![rule(&["openat"], ScmpActKillProcess)]);
+            p.set_architectures(arches);
+            p
+        };
+        // Permissive defaults: a tracer or an allow-list copes with new syscalls.
+        for (default, ret) in [
+            (ScmpActAllow, ALLOW),
+            (ScmpActLog, libc::SECCOMP_RET_LOG),
+            (ScmpActTrace, libc::SECCOMP_RET_TRACE | libc::EPERM as u32),
+        ] {
+            let prog = compile_ok(&with(default, Some(docker_arches())));
+            assert_eq!(run(&prog, &Data::call(4000, &[])), ret, "{default:?}");
+        }
+        // x86_64 not among the architectures.
+        for arches in [None, Some(vec![]), Some(vec![Arch::ScmpArchX86])] {
+            let prog = compile_ok(&with(ScmpActErrno, arches));
+            assert_eq!(run(&prog, &Data::call(4000, &[])), errno(libc::EPERM));
+        }
+        // A default that already says ENOSYS needs no stub.
+        let mut p = with(ScmpActErrno, Some(docker_arches()));
+        p.set_default_errno_ret(Some(libc::ENOSYS as u32));
+        let mut plain = p.clone();
+        plain.set_architectures(None);
+        assert_eq!(raw(&compile_ok(&p)), raw(&compile_ok(&plain)));
+        // runc takes a highest number of 0 (only `read`) for "no syscalls".
+        let mut p = profile(ScmpActErrno, vec![rule(&["read"], ScmpActAllow)]);
+        p.set_architectures(Some(docker_arches()));
+        let prog = compile_ok(&p);
+        assert_eq!(run(&prog, &Data::call(4000, &[])), errno(libc::EPERM));
     }
 
     /// More names than fit in one 8-bit jump, both as one rule and as one
@@ -1067,25 +1475,23 @@ mod tests {
         ));
     }
 
+    fn fprog(code: &mut [libc::sock_filter]) -> libc::sock_fprog {
+        libc::sock_fprog {
+            len: u16::try_from(code.len()).expect("program length fits in u16"),
+            filter: code.as_mut_ptr(),
+        }
+    }
+
     /// Runs `body` in a forked child after installing `code` as its seccomp
     /// filter, and returns the child's exit status (2 and 3 mean installing
     /// failed). `body` must stick to async-signal-safe calls.
     fn in_filtered_child(code: &mut [libc::sock_filter], body: &dyn Fn() -> i32) -> i32 {
-        let prog = libc::sock_fprog {
-            len: u16::try_from(code.len()).expect("program length fits in u16"),
-            filter: code.as_mut_ptr(),
-        };
-        // SAFETY: the child only makes async-signal-safe calls (prctl, the
-        // syscalls in `body`, _exit) on memory prepared before the fork, so
-        // forking a multi-threaded test process is sound.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            // SAFETY: see the fork above; `prog` points into `code`, which
-            // outlives these calls, and _exit never returns into the harness.
+        let prog = fprog(code);
+        in_child(&|| {
+            // SAFETY: `prog` points into `code`, which outlives the child.
             unsafe {
                 if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                    libc::_exit(2);
+                    return 2;
                 }
                 if libc::prctl(
                     libc::PR_SET_SECCOMP,
@@ -1093,10 +1499,27 @@ mod tests {
                     &prog as *const libc::sock_fprog,
                 ) != 0
                 {
-                    libc::_exit(3);
+                    return 3;
                 }
-                libc::_exit(body());
             }
+            body()
+        })
+    }
+
+    /// Runs `body` in a forked child and returns the child's exit status.
+    /// `body` must stick to calls that are safe after fork in a multi-threaded
+    /// process.
+    fn in_child(body: &dyn Fn() -> i32) -> i32 {
+        // SAFETY: the child only makes async-signal-safe calls (or, in
+        // `tsync_failure_is_an_error`, glibc's fork-safe pthread_create) on
+        // memory prepared before the fork, so forking a multi-threaded test
+        // process is sound.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let status = body();
+            // SAFETY: _exit never returns into the harness.
+            unsafe { libc::_exit(status) };
         }
         let mut status = 0;
         // SAFETY: `pid` is our own child and `status` is a valid out-pointer.
@@ -1201,5 +1624,80 @@ mod tests {
         });
         assert_eq!(status, 0, "child reported failure");
         assert!(!target.exists(), "mkdir went through the filter");
+    }
+
+    /// Set by [`filtered_thread`] once it has tried to install its filter.
+    const THREAD_FILTERED: u32 = 1;
+    const THREAD_UNFILTERED: u32 = 2;
+
+    struct ThreadStart {
+        prog: libc::sock_fprog,
+        state: AtomicU32,
+    }
+
+    /// Installs a filter of its own, so that no other thread's filter can be
+    /// synchronised onto it, and sleeps until the process exits.
+    extern "C" fn filtered_thread(arg: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: `arg` is a ThreadStart that its creator keeps alive until
+        // the process exits.
+        let start = unsafe { &*(arg as *const ThreadStart) };
+        // SAFETY: `prog` points at a program that lives as long as `start`.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &start.prog as *const libc::sock_fprog,
+            )
+        };
+        let state = if rc == 0 {
+            THREAD_FILTERED
+        } else {
+            THREAD_UNFILTERED
+        };
+        start.state.store(state, Ordering::SeqCst);
+        loop {
+            // SAFETY: pause has no preconditions.
+            unsafe { libc::pause() };
+        }
+    }
+
+    /// With TSYNC the kernel reports a thread it cannot synchronise by
+    /// returning its id, a positive number, and installs nothing.
+    #[test]
+    fn tsync_failure_is_an_error() {
+        let mut own = compile_ok(&profile(ScmpActAllow, vec![]));
+        let shared = compile_ok(&profile(ScmpActAllow, vec![rule(&["mkdir"], ScmpActErrno)]));
+        let start = ThreadStart {
+            prog: fprog(&mut own),
+            state: AtomicU32::new(0),
+        };
+        let status = in_child(&|| {
+            let mut thread: libc::pthread_t = 0;
+            // SAFETY: `start` outlives the child's threads (the child never
+            // returns from here), and no_new_privs only touches this task;
+            // the new thread inherits it.
+            unsafe {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return 2;
+                }
+                let arg = &start as *const ThreadStart as *mut libc::c_void;
+                if libc::pthread_create(&mut thread, std::ptr::null(), filtered_thread, arg) != 0 {
+                    return 3;
+                }
+            }
+            while start.state.load(Ordering::SeqCst) == 0 {
+                std::hint::spin_loop();
+            }
+            if start.state.load(Ordering::SeqCst) != THREAD_FILTERED {
+                return 4;
+            }
+            let tsync = libc::SECCOMP_FILTER_FLAG_TSYNC as u32;
+            match RealSyscalls.install_seccomp(&shared, tsync) {
+                Err(Errno(libc::ESRCH)) => 0,
+                Ok(()) => 1,
+                Err(_) => 5,
+            }
+        });
+        assert_eq!(status, 0, "child reported failure");
     }
 }

@@ -72,6 +72,8 @@ pub trait Syscall {
     fn symlink(&self, target: &Path, link: &Path) -> SysResult;
     fn mknod(&self, path: &Path, mode: u32, major: u32, minor: u32) -> SysResult;
     fn chown(&self, path: &Path, uid: u32, gid: u32) -> SysResult;
+    /// Sets the mode bits exactly, without the umask that mknod(2) applies.
+    fn chmod(&self, path: &Path, mode: u32) -> SysResult;
     /// `None` when nothing is there.
     fn file_kind(&self, path: &Path) -> SysResult<Option<FileKind>>;
     fn read_link(&self, path: &Path) -> SysResult<PathBuf>;
@@ -83,15 +85,23 @@ pub trait Syscall {
     fn sethostname(&self, name: &str) -> SysResult;
     fn setdomainname(&self, name: &str) -> SysResult;
     fn unshare(&self, flags: libc::c_int) -> SysResult;
+    /// Brings a network interface of the caller's network namespace up.
+    fn link_up(&self, name: &str) -> SysResult;
     fn setns(&self, fd: RawFd, nstype: libc::c_int) -> SysResult;
     fn setrlimit(&self, resource: u32, soft: u64, hard: u64) -> SysResult;
     fn umask(&self, mask: u32);
     fn setgroups(&self, groups: &[u32]) -> SysResult;
     fn setresgid(&self, gid: u32) -> SysResult;
     fn setresuid(&self, uid: u32) -> SysResult;
-    /// Keep permitted capabilities across the switch away from uid 0.
-    fn set_keep_caps(&self) -> SysResult;
-    fn set_capabilities(&self, caps: &CapSets, last_cap: u32) -> SysResult;
+    /// Keep (`true`) or lose permitted capabilities across the switch away from uid 0.
+    fn set_keep_caps(&self, keep: bool) -> SysResult;
+    /// Drops `cap` from the bounding set; the kernel wants CAP_SETPCAP for it.
+    fn drop_bounding(&self, cap: u32) -> SysResult;
+    /// Sets the effective, permitted and inheritable sets (`caps.bounding` and `caps.ambient`
+    /// are not part of capset(2)).
+    fn capset(&self, caps: &CapSets) -> SysResult;
+    /// Raises `cap` in the ambient set; the kernel wants it permitted and inheritable.
+    fn raise_ambient(&self, cap: u32) -> SysResult;
     fn set_no_new_privs(&self) -> SysResult;
     fn install_seccomp(&self, program: &[libc::sock_filter], flags: u32) -> SysResult;
 }
@@ -201,6 +211,12 @@ impl Syscall for LinuxSyscall {
         check(unsafe { libc::lchown(path.as_ptr(), uid, gid) })
     }
 
+    fn chmod(&self, path: &Path, mode: u32) -> SysResult {
+        let path = c_path(path)?;
+        // SAFETY: path is a NUL-terminated string alive for the call.
+        check(unsafe { libc::chmod(path.as_ptr(), mode) })
+    }
+
     fn file_kind(&self, path: &Path) -> SysResult<Option<FileKind>> {
         match std::fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_symlink() => Ok(Some(FileKind::Symlink)),
@@ -263,6 +279,10 @@ impl Syscall for LinuxSyscall {
         check(unsafe { libc::unshare(flags) })
     }
 
+    fn link_up(&self, name: &str) -> SysResult {
+        Ok(crate::netif::bring_up(name)?)
+    }
+
     fn setns(&self, fd: RawFd, nstype: libc::c_int) -> SysResult {
         // SAFETY: setns on an fd we hold; the kernel checks its type.
         check(unsafe { libc::setns(fd, nstype) })
@@ -298,18 +318,17 @@ impl Syscall for LinuxSyscall {
         check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) } as libc::c_int)
     }
 
-    fn set_keep_caps(&self) -> SysResult {
+    fn set_keep_caps(&self, keep: bool) -> SysResult {
         // SAFETY: prctl with integer arguments.
-        check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) })
+        check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, libc::c_ulong::from(keep), 0, 0, 0) })
     }
 
-    fn set_capabilities(&self, caps: &CapSets, last_cap: u32) -> SysResult {
-        for cap in 0..=last_cap {
-            if caps.bounding & (1 << cap) == 0 {
-                // SAFETY: prctl with integer arguments.
-                check(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) })?;
-            }
-        }
+    fn drop_bounding(&self, cap: u32) -> SysResult {
+        // SAFETY: prctl with integer arguments.
+        check(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) })
+    }
+
+    fn capset(&self, caps: &CapSets) -> SysResult {
         #[repr(C)]
         struct Header {
             version: u32,
@@ -334,17 +353,20 @@ impl Syscall for LinuxSyscall {
             inheritable: word(caps.inheritable, i),
         });
         // SAFETY: header and the two data words are the layout capset(2) v3 reads.
-        check(unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } as libc::c_int)?;
-        // Best effort, as runc does: the kernel refuses an ambient capability that is not also
-        // permitted and inheritable, and specs (runc's default among them) often ask for ones
-        // that are not.
-        for cap in 0..=last_cap {
-            if caps.ambient & (1 << cap) != 0 {
-                // SAFETY: prctl with integer arguments.
-                unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap, 0, 0) };
-            }
-        }
-        Ok(())
+        check(unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } as libc::c_int)
+    }
+
+    fn raise_ambient(&self, cap: u32) -> SysResult {
+        // SAFETY: prctl with integer arguments.
+        check(unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                libc::c_ulong::from(cap),
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        })
     }
 
     fn set_no_new_privs(&self) -> SysResult {
@@ -366,6 +388,12 @@ impl Syscall for LinuxSyscall {
                 &prog,
             )
         };
+        // With SECCOMP_FILTER_FLAG_TSYNC a positive result is the id of a thread that could
+        // not be synchronised, and no filter was installed (NEW_LISTENER, the other source
+        // of positive results, is never asked for). ESRCH is what libseccomp reports then.
+        if rc > 0 {
+            return Err(Errno(libc::ESRCH));
+        }
         check(rc as libc::c_int)
     }
 }
@@ -386,6 +414,73 @@ pub mod recorder {
         pub links: BTreeMap<PathBuf, PathBuf>,
         /// Calls (by their first word and path) that fail with EPERM.
         pub failing: BTreeSet<String>,
+        /// The credentials the calls change, checked the way the kernel checks them, so a
+        /// privilege drop in the wrong order fails here as it would in a guest.
+        pub creds: RefCell<Creds>,
+    }
+
+    const CAP_SETGID: u32 = 6;
+    const CAP_SETUID: u32 = 7;
+    const CAP_SETPCAP: u32 = 8;
+    const CAP_SYS_ADMIN: u32 = 21;
+    /// Every capability of a 6.1 kernel (CAP_CHECKPOINT_RESTORE = 40 is the last).
+    pub const ALL_CAPS: u64 = (1 << 41) - 1;
+
+    /// A process's uid and capability state, as credentials.c and commoncap.c keep them.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Creds {
+        pub uid: u32,
+        pub sets: CapSets,
+        pub keep_caps: bool,
+        pub no_new_privs: bool,
+    }
+
+    impl Default for Creds {
+        /// The agent's container helper: root with every capability.
+        fn default() -> Creds {
+            Creds {
+                uid: 0,
+                sets: CapSets {
+                    bounding: ALL_CAPS,
+                    effective: ALL_CAPS,
+                    permitted: ALL_CAPS,
+                    inheritable: 0,
+                    ambient: 0,
+                },
+                keep_caps: false,
+                no_new_privs: false,
+            }
+        }
+    }
+
+    impl Creds {
+        fn has(&self, cap: u32) -> bool {
+            self.sets.effective & (1 << cap) != 0
+        }
+
+        /// commoncap.c's cap_emulate_setxuid: leaving uid 0 clears the effective and ambient
+        /// sets, and the permitted set too unless keep-caps is on.
+        fn switch_uid(&mut self, uid: u32) {
+            if self.uid == 0 && uid != 0 {
+                if !self.keep_caps {
+                    self.sets.permitted = 0;
+                }
+                self.sets.effective = 0;
+                self.sets.ambient = 0;
+            }
+            self.uid = uid;
+        }
+
+        /// commoncap.c's cap_capset checks.
+        fn capset_allowed(&self, new: &CapSets) -> bool {
+            let old = &self.sets;
+            let inheritable_ok =
+                self.has(CAP_SETPCAP) || new.inheritable & !(old.inheritable | old.permitted) == 0;
+            inheritable_ok
+                && new.inheritable & !(old.inheritable | old.bounding) == 0
+                && new.permitted & !old.permitted == 0
+                && new.effective & !new.permitted == 0
+        }
     }
 
     impl Recorder {
@@ -409,6 +504,21 @@ pub mod recorder {
                 .into_iter()
                 .filter(|c| c.split(' ').next() == Some(verb))
                 .collect()
+        }
+
+        /// Records `call`, which fails with EPERM unless the modelled kernel `allowed` it.
+        fn record_checked(&self, call: String, allowed: bool) -> SysResult {
+            self.record_refused(call, (!allowed).then_some(libc::EPERM))
+        }
+
+        fn record_refused(&self, call: String, refused: Option<i32>) -> SysResult {
+            match refused {
+                None => self.record(call),
+                Some(errno) => {
+                    self.calls.borrow_mut().push(call);
+                    Err(Errno(errno))
+                }
+            }
         }
 
         fn record(&self, call: String) -> SysResult {
@@ -477,6 +587,9 @@ pub mod recorder {
         fn chown(&self, path: &Path, uid: u32, gid: u32) -> SysResult {
             self.record(format!("chown {} {uid}:{gid}", path.display()))
         }
+        fn chmod(&self, path: &Path, mode: u32) -> SysResult {
+            self.record(format!("chmod {} {mode:o}", path.display()))
+        }
         fn file_kind(&self, path: &Path) -> SysResult<Option<FileKind>> {
             if self.links.contains_key(path) {
                 return Ok(Some(FileKind::Symlink));
@@ -508,6 +621,9 @@ pub mod recorder {
         fn unshare(&self, flags: libc::c_int) -> SysResult {
             self.record(format!("unshare {flags:#x}"))
         }
+        fn link_up(&self, name: &str) -> SysResult {
+            self.record(format!("link_up {name}"))
+        }
         fn setns(&self, fd: RawFd, nstype: libc::c_int) -> SysResult {
             self.record(format!("setns {fd} {nstype:#x}"))
         }
@@ -518,28 +634,72 @@ pub mod recorder {
             let _ = self.record(format!("umask {mask:o}"));
         }
         fn setgroups(&self, groups: &[u32]) -> SysResult {
-            self.record(format!("setgroups {groups:?}"))
+            let allowed = self.creds.borrow().has(CAP_SETGID);
+            self.record_checked(format!("setgroups {groups:?}"), allowed)
         }
         fn setresgid(&self, gid: u32) -> SysResult {
-            self.record(format!("setresgid {gid}"))
+            let allowed = self.creds.borrow().has(CAP_SETGID);
+            self.record_checked(format!("setresgid {gid}"), allowed)
         }
         fn setresuid(&self, uid: u32) -> SysResult {
-            self.record(format!("setresuid {uid}"))
+            let allowed = {
+                let creds = self.creds.borrow();
+                uid == creds.uid || creds.has(CAP_SETUID)
+            };
+            self.record_checked(format!("setresuid {uid}"), allowed)?;
+            self.creds.borrow_mut().switch_uid(uid);
+            Ok(())
         }
-        fn set_keep_caps(&self) -> SysResult {
-            self.record("keep_caps".into())
+        fn set_keep_caps(&self, keep: bool) -> SysResult {
+            self.creds.borrow_mut().keep_caps = keep;
+            self.record(format!("keep_caps {keep}"))
         }
-        fn set_capabilities(&self, caps: &CapSets, last_cap: u32) -> SysResult {
-            self.record(format!(
-                "capabilities b={:#x} e={:#x} p={:#x} i={:#x} a={:#x} last={last_cap}",
-                caps.bounding, caps.effective, caps.permitted, caps.inheritable, caps.ambient
-            ))
+        fn drop_bounding(&self, cap: u32) -> SysResult {
+            let allowed = self.creds.borrow().has(CAP_SETPCAP);
+            self.record_checked(format!("bounding_drop {cap}"), allowed)?;
+            self.creds.borrow_mut().sets.bounding &= !(1 << cap);
+            Ok(())
+        }
+        fn capset(&self, caps: &CapSets) -> SysResult {
+            let allowed = self.creds.borrow().capset_allowed(caps);
+            self.record_checked(
+                format!(
+                    "capset e={:#x} p={:#x} i={:#x}",
+                    caps.effective, caps.permitted, caps.inheritable
+                ),
+                allowed,
+            )?;
+            let mut creds = self.creds.borrow_mut();
+            creds.sets.effective = caps.effective;
+            creds.sets.permitted = caps.permitted;
+            creds.sets.inheritable = caps.inheritable;
+            // The kernel keeps an ambient capability only while it is permitted and inheritable.
+            creds.sets.ambient &= caps.permitted & caps.inheritable;
+            Ok(())
+        }
+        fn raise_ambient(&self, cap: u32) -> SysResult {
+            let allowed = {
+                let sets = self.creds.borrow().sets;
+                sets.permitted & sets.inheritable & (1 << cap) != 0
+            };
+            self.record_checked(format!("ambient_raise {cap}"), allowed)?;
+            self.creds.borrow_mut().sets.ambient |= 1 << cap;
+            Ok(())
         }
         fn set_no_new_privs(&self) -> SysResult {
+            self.creds.borrow_mut().no_new_privs = true;
             self.record("no_new_privs".into())
         }
         fn install_seccomp(&self, program: &[libc::sock_filter], flags: u32) -> SysResult {
-            self.record(format!("seccomp {} {flags}", program.len()))
+            let allowed = {
+                let creds = self.creds.borrow();
+                creds.no_new_privs || creds.has(CAP_SYS_ADMIN)
+            };
+            // Without no_new_privs, seccomp(2) wants CAP_SYS_ADMIN and says EACCES.
+            self.record_refused(
+                format!("seccomp {} {flags}", program.len()),
+                (!allowed).then_some(libc::EACCES),
+            )
         }
     }
 }
