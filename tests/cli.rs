@@ -1,5 +1,6 @@
 //! `cocoon`, the runc-compatible CLI, used the way an engine uses runc: bundles in, a process
-//! with an exit status out. The bad-input checks need no VM; the lifecycle checks boot three.
+//! with an exit status out. The bad-input checks need no VM; the lifecycle checks boot three,
+//! with OCI hooks recording what they are told, and a failing hook one more.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -124,6 +125,87 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// A host-side hook: appends `STAGE STATE-JSON` to `$HOOK_LOG` and exits with EXIT (0).
+fn hook_script(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("hook.sh");
+    std::fs::write(
+        &path,
+        "#!/bin/sh\n# hook.sh STAGE [EXIT]\nIFS= read -r state || true\n\
+         printf '%s %s\\n' \"$1\" \"$state\" >> \"$HOOK_LOG\"\nexit \"${2:-0}\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A hook entry for config.json that runs `script` for `stage`, logging to `log`.
+fn hook(script: &Path, log: &Path, stage: &str, exit: u8) -> Value {
+    serde_json::json!({
+        "path": script,
+        "args": ["hook.sh", stage, exit.to_string()],
+        "env": [format!("HOOK_LOG={}", log.display())],
+        "timeout": 30,
+    })
+}
+
+/// Adds `hooks` to the bundle's config.json.
+fn add_hooks(bundle: &Path, hooks: Value) {
+    let path = bundle.join("config.json");
+    let mut spec: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    spec["hooks"] = hooks;
+    std::fs::write(&path, serde_json::to_string_pretty(&spec).unwrap()).unwrap();
+}
+
+/// The four usual hooks (prestart, createRuntime, poststart, poststop), each logging to `log`.
+fn lifecycle_hooks(bundle: &Path, script: &Path, log: &Path) {
+    let h = |stage| serde_json::json!([hook(script, log, stage, 0)]);
+    add_hooks(
+        bundle,
+        serde_json::json!({
+            "prestart": h("prestart"),
+            "createRuntime": h("createRuntime"),
+            "poststart": h("poststart"),
+            "poststop": h("poststop"),
+        }),
+    );
+}
+
+/// What the hooks logged so far: (stage, status, pid, id) per run, in order.
+fn hook_log(log: &Path) -> Vec<(String, String, Option<i64>, String)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            let (stage, state) = line.split_once(' ').expect("STAGE STATE");
+            let state: Value = serde_json::from_str(state).expect("the state is JSON");
+            assert_eq!(state["ociVersion"], "1.0.2", "{line}");
+            (
+                stage.to_owned(),
+                state["status"].as_str().unwrap_or_default().to_owned(),
+                state["pid"].as_i64(),
+                state["id"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn logged(
+    entries: &[(&str, &str, Option<i32>, &str)],
+) -> Vec<(String, String, Option<i64>, String)> {
+    entries
+        .iter()
+        .map(|(stage, status, pid, id)| {
+            (
+                stage.to_string(),
+                status.to_string(),
+                pid.map(i64::from),
+                id.to_string(),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
     let Some(bin) = cocoon_binary() else { return };
@@ -159,6 +241,18 @@ fn bad_input_is_refused_and_changes_nothing() {
             Some(r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#)
         )
         .contains("no process")
+    );
+    // Hooks meant for the container's namespaces would have to run in the guest.
+    let err = bad(
+        "guesthook",
+        Some(&spec.replace(
+            r#""process""#,
+            r#""hooks":{"createContainer":[{"path":"/bin/true"}]},"process""#,
+        )),
+    );
+    assert!(
+        err.contains("createContainer hooks are not supported") && err.contains("inside the guest"),
+        "{err}"
     );
     let err = cocoon.fails(&["create", "--bundle", "/nonexistent/bundle", "x"]);
     assert!(err.contains("/nonexistent/bundle"), "{err}");
@@ -208,12 +302,25 @@ fn containers_live_and_die_like_runc_containers() {
         root: scratch.path("root"),
     };
 
-    // run: the container's output on our stdout and stderr, its exit status ours.
+    let script = hook_script(&scratch.0);
+
+    // run: the container's output on our stdout and stderr, its exit status ours; the hooks
+    // create, start and delete would run, with `run` itself as the container's process.
     let b = bundle(
         &scratch.path("run"),
         &["sh", "-c", "echo out; echo err >&2; uname -r; exit 7"],
     );
-    let out = cocoon.run(&["run", "--bundle", b.to_str().unwrap(), "r1"]);
+    let r1_log = scratch.path("r1-hooks.log");
+    lifecycle_hooks(&b, &script, &r1_log);
+    let child = cocoon
+        .command(&["run", "--bundle", b.to_str().unwrap(), "r1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run cocoon");
+    let run_pid = child.id() as i32;
+    let out = child.wait_with_output().expect("wait for cocoon run");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -229,12 +336,23 @@ fn containers_live_and_die_like_runc_containers() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("err\n"));
     assert_eq!(cocoon.state("r1")["status"], "stopped");
+    let ran = [
+        ("prestart", "creating", Some(run_pid), "r1"),
+        ("createRuntime", "creating", Some(run_pid), "r1"),
+        ("poststart", "running", Some(run_pid), "r1"),
+    ];
+    assert_eq!(hook_log(&r1_log), logged(&ran));
     cocoon.ok(&["delete", "r1"]);
     assert!(cocoon.containers().is_empty());
+    let mut ran = ran.to_vec();
+    ran.push(("poststop", "stopped", None, "r1"));
+    assert_eq!(hook_log(&r1_log), logged(&ran));
 
     // create, start, kill, delete: what containerd and Podman do.
     let script = "echo started; trap 'echo got TERM; exit 3' TERM; while true; do sleep 1; done";
     let b = bundle(&scratch.path("life"), &["sh", "-c", script]);
+    let c1_log = scratch.path("c1-hooks.log");
+    lifecycle_hooks(&b, &hook_script(&scratch.0), &c1_log);
     let pid_file = scratch.path("c1.pid");
     let output = std::fs::File::create(scratch.path("c1.out")).unwrap();
     let status = cocoon
@@ -263,9 +381,23 @@ fn containers_live_and_die_like_runc_containers() {
         (Some("created"), Some(pid as i64))
     );
     assert_eq!(state["bundle"], b.to_str().unwrap());
+    // createRuntime (after the deprecated prestart) ran before create returned, told the
+    // monitor's pid, as `state` reports it.
+    let mut ran = vec![
+        ("prestart", "creating", Some(pid), "c1"),
+        ("createRuntime", "creating", Some(pid), "c1"),
+    ];
+    assert_eq!(hook_log(&c1_log), logged(&ran));
     let err = cocoon.fails(&["create", "--bundle", b.to_str().unwrap(), "c1"]);
     assert!(err.contains("container with id exists: c1"), "{err}");
+    assert_eq!(
+        hook_log(&c1_log),
+        logged(&ran),
+        "a refused create runs no hooks"
+    );
     cocoon.ok(&["start", "c1"]);
+    ran.push(("poststart", "running", Some(pid), "c1"));
+    assert_eq!(hook_log(&c1_log), logged(&ran));
     assert_eq!(cocoon.state("c1")["status"], "running");
     assert!(cocoon.fails(&["start", "c1"]).contains("running"));
     assert!(cocoon.fails(&["delete", "c1"]).contains("not stopped"));
@@ -328,9 +460,12 @@ fn containers_live_and_die_like_runc_containers() {
         std::fs::read_to_string(scratch.path("c1.out")).unwrap(),
         "started\ngot TERM\n"
     );
+    assert_eq!(hook_log(&c1_log), logged(&ran), "poststop waits for delete");
     cocoon.ok(&["delete", "c1"]);
     assert!(!alive(pid));
     assert!(cocoon.containers().is_empty());
+    ran.push(("poststop", "stopped", None, "c1"));
+    assert_eq!(hook_log(&c1_log), logged(&ran));
 
     // delete --force of a running container: its VM goes, and everything with it.
     let b = bundle(&scratch.path("force"), &["sleep", "600"]);
@@ -343,5 +478,76 @@ fn containers_live_and_die_like_runc_containers() {
         cocoon.containers().is_empty(),
         "no state or images: {:?}",
         cocoon.containers()
+    );
+}
+
+#[test]
+fn a_failing_prestart_hook_fails_create_and_leaves_nothing() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if artifacts_or_skip("cli-hook-fails").is_none() {
+        return;
+    }
+    let Some(bin) = cocoon_binary() else { return };
+    let scratch = Scratch::new("cli-hook-fails");
+    let cocoon = Cocoon {
+        bin,
+        root: scratch.path("root"),
+    };
+    let b = bundle(&scratch.path("bundle"), &["sleep", "600"]);
+    let script = hook_script(&scratch.0);
+    let log = scratch.path("hooks.log");
+    add_hooks(
+        &b,
+        serde_json::json!({
+            "prestart": [hook(&script, &log, "prestart", 0), hook(&script, &log, "failing", 5)],
+            "createRuntime": [hook(&script, &log, "createRuntime", 0)],
+            "poststop": [hook(&script, &log, "poststop", 0)],
+        }),
+    );
+    let pid_file = scratch.path("h1.pid");
+    let out = cocoon
+        .command(&[
+            "create",
+            "--bundle",
+            b.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "h1",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cocoon");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "create should fail: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "error running prestart hook #1 ({}): exit status 5",
+            script.display()
+        )),
+        "{stderr}"
+    );
+    // The hooks after the failing one never ran; the container was stopped and removed, then
+    // the poststop hooks ran, as the spec's lifecycle has it.
+    let entries = hook_log(&log);
+    let stages: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(stages, ["prestart", "failing", "poststop"]);
+    let monitor = entries[0]
+        .2
+        .expect("the creating state has the monitor's pid") as i32;
+    assert_eq!(entries[2].1, "stopped");
+    assert!(!alive(monitor), "the monitor (the VM) {monitor} is gone");
+    assert!(
+        !pid_file.exists(),
+        "no pid file for a container that does not exist"
+    );
+    assert!(
+        cocoon.containers().is_empty(),
+        "left behind: {:?}",
+        cocoon.containers()
+    );
+    assert!(
+        cocoon
+            .fails(&["state", "h1"])
+            .contains("container h1 does not exist")
     );
 }

@@ -1,13 +1,15 @@
 //! `cocoon`: an OCI runtime with runc's command line, where each container is a microVM.
 //!
-//! The verbs live in `cli/`, one file each; `monitor.rs` is the process that stands in for a
-//! container's init (it runs the VM); `state.rs` keeps the per-container record.
+//! The verbs live in `cli/`, one file each; `monitor/` is the process that stands in for a
+//! container's init (it runs the VM); `state.rs` keeps the per-container record; `hooks.rs`
+//! runs the spec's hooks on the host.
 
 mod bundle;
 mod cli;
 mod config;
 mod console;
 mod error;
+mod hooks;
 mod host_files;
 mod images;
 mod logging;

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use oci_spec::runtime::{ContainerState, Hooks, State};
 use serde::{Deserialize, Serialize};
 
 use cocoon_agent_protocol::message::{ExitStatus, valid_id};
@@ -17,6 +18,9 @@ use crate::error::CliError;
 pub const STATE_FILE: &str = "state.json";
 pub const EXIT_FILE: &str = "exit.json";
 pub const VSOCK_SOCKET: &str = "vsock.sock";
+
+/// The `ociVersion` of the state we report (`state`, and hooks' stdin).
+pub const OCI_VERSION: &str = "1.0.2";
 
 /// What `create` records and the other verbs read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +38,31 @@ pub struct Record {
     pub started: bool,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// The spec's hooks, kept for the verbs after `create` (poststart, poststop): the bundle
+    /// may have changed or gone by then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<Hooks>,
+}
+
+impl Record {
+    /// The container's state as the OCI runtime spec defines it, which is what hooks read on
+    /// stdin. As with runc, there is no pid once the container is stopped.
+    pub fn oci_state(&self, status: ContainerState) -> State {
+        let mut state = State::default();
+        state
+            .set_version(OCI_VERSION.into())
+            .set_id(self.id.clone())
+            .set_status(status)
+            .set_pid((status != ContainerState::Stopped).then_some(self.pid))
+            .set_bundle(self.bundle.clone())
+            .set_annotations((!self.annotations.is_empty()).then(|| {
+                self.annotations
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            }));
+        state
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +80,14 @@ impl Status {
             Status::Stopped => "stopped",
         }
     }
+
+    pub fn oci(self) -> ContainerState {
+        match self {
+            Status::Created => ContainerState::Created,
+            Status::Running => ContainerState::Running,
+            Status::Stopped => ContainerState::Stopped,
+        }
+    }
 }
 
 pub fn check_id(id: &str) -> Result<(), CliError> {
@@ -65,7 +102,7 @@ pub fn check_id(id: &str) -> Result<(), CliError> {
 pub struct ContainerDir {
     pub path: PathBuf,
     pub id: String,
-    _lock: File,
+    lock: File,
 }
 
 fn lock(dir: &Path) -> Result<File, CliError> {
@@ -94,7 +131,7 @@ impl ContainerDir {
         Ok(ContainerDir {
             path,
             id: id.to_owned(),
-            _lock: lock,
+            lock,
         })
     }
 
@@ -113,8 +150,24 @@ impl ContainerDir {
         Ok(ContainerDir {
             path,
             id: id.to_owned(),
-            _lock: lock,
+            lock,
         })
+    }
+
+    /// Runs `f` with the lock released, then takes it again. Hooks run this way: a hook may
+    /// call `state` (or any verb) on this very container, which would otherwise wait for us
+    /// while we wait for it.
+    pub fn unlocked<T>(&self, f: impl FnOnce() -> T) -> Result<T, CliError> {
+        // SAFETY: flock on the fd we own.
+        unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_UN) };
+        let result = f();
+        // SAFETY: as above; blocks until a verb the hooks started has finished.
+        if unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(CliError::io("lock", &self.path)(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(result)
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -268,6 +321,62 @@ mod tests {
             Err(CliError::NotExist(_))
         ));
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn record(annotations: &[(&str, &str)]) -> Record {
+        Record {
+            id: "c1".into(),
+            bundle: "/b".into(),
+            rootfs: "/b/rootfs".into(),
+            pid: 42,
+            pid_start_time: 1,
+            created: rfc3339(UNIX_EPOCH),
+            started: false,
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            hooks: None,
+        }
+    }
+
+    #[test]
+    fn the_oci_state_for_hooks() {
+        let state = serde_json::to_value(record(&[]).oci_state(ContainerState::Creating)).unwrap();
+        assert_eq!(
+            state,
+            serde_json::json!({
+                "ociVersion": OCI_VERSION, "id": "c1", "status": "creating", "pid": 42,
+                "bundle": "/b",
+            })
+        );
+        let state =
+            serde_json::to_value(record(&[("a", "1")]).oci_state(ContainerState::Stopped)).unwrap();
+        assert_eq!(
+            state,
+            serde_json::json!({
+                "ociVersion": OCI_VERSION, "id": "c1", "status": "stopped", "bundle": "/b",
+                "annotations": {"a": "1"},
+            })
+        );
+    }
+
+    /// Whether another process could lock the directory now.
+    fn lockable(path: &Path) -> bool {
+        let file = File::open(path).unwrap();
+        // SAFETY: flock on an fd we own; non-blocking, and released when `file` closes.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+
+    #[test]
+    fn unlocked_lets_others_in_and_locks_again() {
+        let root = std::env::temp_dir().join(format!("cocoon-unlock-{}", std::process::id()));
+        let dir = ContainerDir::create(&root, "c1").unwrap();
+        assert!(!lockable(&dir.path));
+        assert!(dir.unlocked(|| lockable(&dir.path)).unwrap());
+        assert!(!lockable(&dir.path));
+        dir.remove().unwrap();
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

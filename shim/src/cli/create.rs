@@ -6,10 +6,13 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
+use oci_spec::runtime::ContainerState;
+
 use super::{CreateArgs, Global};
 use crate::bundle::{Bundle, vm_size};
 use crate::config::Config;
 use crate::error::CliError;
+use crate::hooks::{self, Stage};
 use crate::images;
 use crate::monitor::container::{LAUNCH_FILE, Launch};
 use crate::monitor::{REPORT_FD, read_report};
@@ -21,6 +24,7 @@ pub fn prepare(global: &Global, args: &CreateArgs) -> Result<(ContainerDir, Bund
     let config = Config::load()?;
     let bundle = Bundle::load(&args.bundle)?;
     bundle.require_process()?;
+    hooks::check(bundle.spec.hooks().as_ref()).map_err(|e| CliError::Other(e.to_string()))?;
     if bundle.terminal() && args.console_socket.is_none() {
         return Err(CliError::Other(
             "the process has a terminal: --console-socket is required".into(),
@@ -99,6 +103,7 @@ pub fn record(dir: &ContainerDir, bundle: &Bundle, pid: i32, started: bool) -> R
             .unwrap_or_default()
             .into_iter()
             .collect(),
+        hooks: bundle.spec.hooks().clone(),
     }
 }
 
@@ -168,23 +173,66 @@ pub fn spawn_monitor(global: &Global, verb_args: &[&str]) -> Result<i32, CliErro
     match read_report(report_read) {
         Ok(()) => Ok(pid),
         Err(message) => {
-            // SAFETY: kill(2) on the monitor we just started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let mut child = child;
-            let _ = child.wait();
+            stop_monitor(pid);
             Err(CliError::Other(message))
         }
     }
 }
 
+/// Kills a monitor this process started, which ends its VM, and reaps it.
+pub fn stop_monitor(pid: i32) {
+    // SAFETY: kill(2) and waitpid(2) on our own child, not yet reaped, so the pid is still it.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
+
+/// The prestart and createRuntime hooks, once the container's process (the monitor) exists,
+/// with the state as `state` reports it then but `creating`, as runc has it. The lock is
+/// released meanwhile so the hooks may use the other verbs on the container.
+pub fn run_create_hooks(dir: &ContainerDir, record: &Record) -> Result<(), CliError> {
+    let state = record.oci_state(ContainerState::Creating);
+    dir.unlocked(|| hooks::run(record.hooks.as_ref(), &hooks::CREATE, &state))?
+        .map_err(|e| CliError::Other(e.to_string()))
+}
+
+/// The poststop hooks, once the container and its state are gone: after `delete`, and after a
+/// create that failed once its hooks had run (the spec's lifecycle goes on to poststop after a
+/// failed createRuntime hook; runc's destroy runs them after any such failure).
+pub fn run_poststop_hooks(record: &Record) {
+    hooks::run_warning(
+        record.hooks.as_ref(),
+        Stage::Poststop,
+        &record.oci_state(ContainerState::Stopped),
+    );
+}
+
 pub fn create(global: &Global, args: &CreateArgs) -> Result<(), CliError> {
     let (dir, bundle) = prepare(global, args)?;
-    let result = spawn_monitor(global, &["monitor", &dir.id]).and_then(|pid| {
-        dir.write(&record(&dir, &bundle, pid, false))?;
-        write_pid_file(args.pid_file.as_deref(), pid)
-    });
+    let pid = match spawn_monitor(global, &["monitor", &dir.id]) {
+        Ok(pid) => pid,
+        Err(e) => {
+            let _ = dir.remove();
+            return Err(e);
+        }
+    };
+    let record = record(&dir, &bundle, pid, false);
+    let mut hooks_ran = false;
+    let result = dir
+        .write(&record)
+        .and_then(|()| {
+            hooks_ran = true;
+            run_create_hooks(&dir, &record)
+        })
+        .and_then(|()| write_pid_file(args.pid_file.as_deref(), pid));
     if let Err(e) = result {
+        // Nothing stays: the VM goes with its monitor, the state with the directory.
+        stop_monitor(pid);
         let _ = dir.remove();
+        if hooks_ran {
+            run_poststop_hooks(&record);
+        }
         return Err(e);
     }
     Ok(())

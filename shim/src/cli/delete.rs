@@ -1,9 +1,10 @@
 //! `cocoon delete`: remove a stopped container; with `--force`, stop it first. Afterwards no
-//! process, socket, image or state of it is left.
+//! process, socket, image or state of it is left, and its poststop hooks have run.
 
 use std::time::{Duration, Instant};
 
 use super::Global;
+use crate::cli::create::run_poststop_hooks;
 use crate::error::CliError;
 use crate::state::{ContainerDir, Status, monitor_alive, status};
 
@@ -38,5 +39,8 @@ pub fn delete(global: &Global, id: &str, force: bool) -> Result<(), CliError> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    dir.remove()
+    dir.remove()?;
+    // As runc: once the container and its state are gone.
+    run_poststop_hooks(&record);
+    Ok(())
 }

@@ -6,7 +6,8 @@ pub fn features() -> serde_json::Value {
     json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.2.0",
-        "hooks": [],
+        // Those run on the host; createContainer and startContainer would run in the guest.
+        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
         "mountOptions": [
             "async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec", "loud",
             "mand", "noatime", "nodev", "nodiratime", "noexec", "nomand", "norelatime",

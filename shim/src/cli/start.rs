@@ -1,9 +1,10 @@
-//! `cocoon start`: let a created container's process exec.
+//! `cocoon start`: let a created container's process exec, then run the poststart hooks.
 
 use cocoon_agent_protocol::client::AgentClient;
 
 use super::Global;
 use crate::error::CliError;
+use crate::hooks::{self, Stage};
 use crate::state::{ContainerDir, Status, VSOCK_SOCKET, status};
 
 pub fn start(global: &Global, id: &str) -> Result<(), CliError> {
@@ -21,5 +22,9 @@ pub fn start(global: &Global, id: &str) -> Result<(), CliError> {
     }
     AgentClient::connect(&dir.file(VSOCK_SOCKET))?.start_container(id)?;
     record.started = true;
-    dir.write(&record)
+    dir.write(&record)?;
+    // The state as it is now: a process that exits at once is already stopped. Unlocked, so a
+    // hook may exec into the container or ask for its state.
+    let state = record.oci_state(status(&dir.path, &record).oci());
+    dir.unlocked(|| hooks::run_warning(record.hooks.as_ref(), Stage::Poststart, &state))
 }

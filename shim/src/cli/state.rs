@@ -4,12 +4,12 @@ use serde_json::json;
 
 use super::Global;
 use crate::error::CliError;
-use crate::state::{ContainerDir, Record, Status, status};
+use crate::state::{ContainerDir, OCI_VERSION, Record, Status, status};
 
 pub fn state_json(dir: &std::path::Path, record: &Record) -> serde_json::Value {
     let status = status(dir, record);
     let mut state = json!({
-        "ociVersion": "1.0.2",
+        "ociVersion": OCI_VERSION,
         "id": record.id,
         // runc reports 0 once the process is gone.
         "pid": if status == Status::Stopped { 0 } else { record.pid },

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{ContainerState, Spec};
 use serde::{Deserialize, Serialize};
 
 use cocoon_agent_protocol::client::AgentClient;
@@ -16,7 +16,8 @@ use cocoon_vmm::config::{ConsoleConfig, DiskConfig, VmConfig, VsockConfig};
 
 use super::stdio::Stdio;
 use super::{Target, block_forwarded_signals, exit_like, record_exit, report, wait_and_forward};
-use crate::state::{EXIT_FILE, VSOCK_SOCKET};
+use crate::hooks::{self, Stage};
+use crate::state::{EXIT_FILE, Record, VSOCK_SOCKET, read_record, status};
 
 pub const LAUNCH_FILE: &str = "launch.json";
 
@@ -44,8 +45,9 @@ pub fn read_launch(dir: &Path) -> Result<Launch, String> {
 }
 
 /// Runs the container's monitor; never returns. With `start`, the container is started as soon
-/// as it is created (`run`). Without a `report_to` (under `run`), a container that could not be
-/// created or started is removed here.
+/// as it is created (`run`), and this process, being the container's process, runs the hooks
+/// `create` and `start` would. Without a `report_to` (under `run`), a container that could not
+/// be created or started is removed here.
 pub fn run(dir: &Path, id: &str, report_to: Option<File>, start: bool) -> ! {
     let set = block_forwarded_signals();
     let mut report_to = report_to;
@@ -56,16 +58,37 @@ pub fn run(dir: &Path, id: &str, report_to: Option<File>, start: bool) -> ! {
         exec_id: None,
     };
     let mut vm_ended = None;
-    let result = read_launch(dir).and_then(|launch| {
+    // Under `run` the record, written before we started, is what the hooks are told.
+    let record = if start {
+        read_record(dir).map(Some).map_err(|e| e.to_string())
+    } else {
+        Ok(None)
+    };
+    let mut hooks_ran = false;
+    let result = record.as_ref().map_err(Clone::clone).and_then(|record| {
+        let launch = read_launch(dir)?;
         crate::logging::phase("vm starting");
         let ended = vm_ended.insert(start_vm(&launch, &uds));
-        open(&target, &launch, ended, start)
+        let (stdio, mut client) = open(&target, &launch, ended)?;
+        if let Some(record) = record {
+            hooks_ran = true;
+            start_with_hooks(&mut client, dir, record)?;
+        }
+        Ok(stdio)
     });
     report(
         &mut report_to,
         &result.as_ref().map(|_| ()).map_err(Clone::clone),
         || {
+            if hooks_ran && let Ok(mut client) = AgentClient::connect(&uds) {
+                // Stopped before its state goes and the poststop hooks run, as `create` does by
+                // killing its monitor; the VM itself ends with this process.
+                let _ = client.remove_container(id);
+            }
             let _ = std::fs::remove_dir_all(dir);
+            if hooks_ran && let Ok(Some(record)) = &record {
+                crate::cli::create::run_poststop_hooks(record);
+            }
         },
     );
     let Ok(stdio) = result else {
@@ -75,6 +98,25 @@ pub fn run(dir: &Path, id: &str, report_to: Option<File>, start: bool) -> ! {
     crate::logging::phase("container exited");
     record_exit(&dir.join(EXIT_FILE), &status);
     exit_like(status)
+}
+
+/// Under `run`: the prestart and createRuntime hooks (a failure fails the run), the start,
+/// then the poststart hooks (a failure is a warning), each told the state at that point.
+fn start_with_hooks(client: &mut AgentClient, dir: &Path, record: &Record) -> Result<(), String> {
+    let hook_list = record.hooks.as_ref();
+    hooks::run(
+        hook_list,
+        &hooks::CREATE,
+        &record.oci_state(ContainerState::Creating),
+    )
+    .map_err(|e| e.to_string())?;
+    client
+        .start_container(&record.id)
+        .map_err(|e| e.to_string())?;
+    crate::logging::phase("container started");
+    let state = record.oci_state(status(dir, record).oci());
+    hooks::run_warning(hook_list, Stage::Poststart, &state);
+    Ok(())
 }
 
 /// Boots the VM on its own thread; the channel says when (and why) it ended.
@@ -150,13 +192,13 @@ fn wait_for_agent(
     }
 }
 
-/// Guest identity, stdio, the container created (and started, with `start`).
+/// Guest identity, stdio, the container created. Returns the agent connection too, for a
+/// start that follows at once.
 fn open(
     target: &Target,
     launch: &Launch,
     vm_ended: &mpsc::Receiver<String>,
-    start: bool,
-) -> Result<Stdio, String> {
+) -> Result<(Stdio, AgentClient), String> {
     let id = &target.id;
     let mut client = wait_for_agent(
         &target.uds,
@@ -211,9 +253,5 @@ fn open(
     if let Some((rows, cols)) = stdio.window_size() {
         let _ = client.resize_terminal(id, None, rows, cols);
     }
-    if start {
-        client.start_container(id).map_err(|e| e.to_string())?;
-        crate::logging::phase("container started");
-    }
-    Ok(stdio)
+    Ok((stdio, client))
 }
