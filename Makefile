@@ -13,7 +13,7 @@ VMM_BIN := target/release/cocoon-vmm
 COCOON_BIN := target/release/cocoon
 APT_PACKAGES := linux-source-6.1 linux-libc-dev build-essential flex bison bc libelf-dev cpio file \
 	qemu-system-x86 busybox-static erofs-utils e2fsprogs python3 iproute2 util-linux \
-	podman conmon umoci containerd runc crun runsc bsdutils
+	podman conmon umoci containerd runc crun runsc bsdutils debootstrap rsync skopeo docker.io
 
 export COCOON_KERNEL := $(BUILD)/vmlinux
 export COCOON_INITRD := $(BUILD)/initramfs.cpio
@@ -22,8 +22,12 @@ export COCOON_ROOTFS := $(BUILD)/busybox.erofs
 export COCOON_BUSYBOX_DIR := $(BUILD)/busybox-rootfs
 export COCOON_BIN := $(CURDIR)/$(COCOON_BIN)
 export COCOON_OCI_IMAGE := $(BUILD)/busybox-oci.tar
+export COCOON_DEBIAN_ROOTFS := $(BUILD)/debian/rootfs
+export COCOON_DEBIAN_OCI_IMAGE := $(BUILD)/debian-oci.tar
+export COCOON_DEBIAN_DOCKER_IMAGE := $(BUILD)/debian-docker.tar
 
-.PHONY: all deps kernel agent initramfs rootfs vmm cocoon demo test bench lint clean
+.PHONY: all deps kernel agent initramfs rootfs debian-image vmm cocoon demo test bench lint clean \
+	install uninstall
 
 all: kernel initramfs rootfs vmm cocoon
 
@@ -51,6 +55,14 @@ rootfs: deps
 	@images/build-busybox-rootfs.sh $(BUILD)/busybox-rootfs $(COCOON_ROOTFS) && echo "rootfs: $(COCOON_ROOTFS)"
 	@images/build-busybox-oci.sh $(BUILD)/busybox-rootfs $(COCOON_OCI_IMAGE) && echo "image: $(COCOON_OCI_IMAGE)"
 
+# The Debian test image: bookworm minbase (debootstrap, cached under COCOON_CACHE like the
+# kernel) plus python3-minimal and nginx-light, as a two-layer OCI archive (podman load,
+# ctr image import) and a Docker archive (docker load).
+debian-image: deps
+	@images/build-debian-rootfs.sh $(BUILD)/debian >/dev/null
+	@images/build-debian-oci.sh $(BUILD)/debian/minbase $(COCOON_DEBIAN_ROOTFS) \
+		$(COCOON_DEBIAN_OCI_IMAGE) $(COCOON_DEBIAN_DOCKER_IMAGE) && echo "image: $(COCOON_DEBIAN_OCI_IMAGE)"
+
 vmm:
 	cargo build --release -p cocoon-vmm
 
@@ -72,15 +84,34 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test: kernel initramfs rootfs vmm cocoon lint
+test: kernel initramfs rootfs debian-image vmm cocoon lint
 	cargo test --workspace -- --nocapture
 
-bench: kernel initramfs rootfs vmm cocoon
+bench: kernel initramfs rootfs debian-image vmm cocoon
 	python3 bench/boot.py
 	python3 bench/vsock.py
 	python3 bench/net.py
 	python3 bench/agent.py
 	python3 bench/runtime.py
+
+# Install like a runtime: the binaries in $(PREFIX)/bin, the kernel and initramfs where the
+# runtime looks beside its binary ($(PREFIX)/lib/cocoon). No configuration is written: engines
+# are set up by hand (docs/docker.md, docs/podman.md, docs/containerd.md). install(1) replaces
+# files by unlinking them first, so running VMs keep the images they mapped.
+PREFIX ?= /usr/local
+INSTALL_BIN = $(DESTDIR)$(PREFIX)/bin
+INSTALL_LIB = $(DESTDIR)$(PREFIX)/lib/cocoon
+
+install: vmm cocoon
+	install -d $(INSTALL_BIN) $(INSTALL_LIB)
+	install -m 0755 $(COCOON_BIN) $(VMM_BIN) $(INSTALL_BIN)/
+	install -m 0644 $(COCOON_KERNEL) $(INSTALL_LIB)/vmlinux
+	install -m 0644 $(COCOON_INITRD) $(INSTALL_LIB)/initramfs.cpio
+
+uninstall:
+	rm -f $(INSTALL_BIN)/cocoon $(INSTALL_BIN)/cocoon-vmm \
+		$(INSTALL_LIB)/vmlinux $(INSTALL_LIB)/initramfs.cpio
+	@[ ! -d $(INSTALL_LIB) ] || rmdir --ignore-fail-on-non-empty $(INSTALL_LIB)
 
 clean:
 	rm -rf $(BUILD) target

@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
-"""`cocoon run` of a bundle that runs `true`, end to end and by phase, next to runc, runsc
-(gVisor, ptrace platform) and crun running the same bundle in the same benchmark run.
+"""`cocoon run` end to end and by phase, next to runc, runsc (gVisor, ptrace platform) and crun
+running the same bundle in the same benchmark run, for three workloads:
+  busybox `true`          the busybox test image, one layer
+  debian `python3 -c pass` the Debian test image (bookworm minbase + python3-minimal and
+                          nginx-light), two layers: minbase and the packages on top of it
+  debian nginx            nginx with Debian's default site, to its first page served over
+                          127.0.0.1 (fetched from inside the container by python3)
 
-The bundle's rootfs is an overlay mount of the busybox tree, as engines hand it over, so the
-first cocoon run builds the layer image (cold) and later runs find it in the layer cache.
+Each bundle's rootfs is an overlay mount of its layers, as engines hand it over, so the first
+cocoon run of an image builds its layer images (cold) and later runs find them in the cache.
 Phases come from `cocoon --debug --log-format json` (milliseconds since the process started):
   images   bundle checked -> root filesystem images ready
   vmm      images ready -> VM starting (the monitor set up; the VMM itself starts in ~3 ms)
   boot     VM starting -> the guest agent answers
   create   agent up -> container created (stdio attached, rootfs mounted in the guest, ...)
-  run      created -> the container's process exited (start, `true`, exit reported)
+  run      created -> the container's process exited (start, workload, exit reported)
   exit     process exited -> `cocoon run` returned
-Usage: bench/runtime.py [--runs N]
+Usage: bench/runtime.py [--runs N] [--workload busybox|python|nginx]...
 """
 import argparse
 import json
@@ -26,21 +31,68 @@ from selftest_vm import ROOT, summary
 
 COCOON = os.environ.get("COCOON_BIN", os.path.join(ROOT, "target/release/cocoon"))
 BUSYBOX = os.environ.get("COCOON_BUSYBOX_DIR", os.path.join(ROOT, "build/busybox-rootfs"))
+DEBIAN = os.environ.get("COCOON_DEBIAN_ROOTFS", os.path.join(ROOT, "build/debian/rootfs"))
+DEBIAN_BASE = os.path.join(os.path.dirname(DEBIAN), "minbase")
 PHASES = ["bundle checked", "images ready", "vm starting", "agent up", "container created",
           "container exited"]
 
+# Starts nginx (it daemonizes), then asks it for / over loopback until it answers.
+FETCH_FIRST_PAGE = """
+import socket, time
+deadline = time.monotonic() + 120
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", 80), timeout=5)
+        s.sendall(b"GET / HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:80]
+        break
+    except ConnectionRefusedError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+"""
 
-def make_bundle(tmp):
-    """A bundle running `true` whose rootfs is an overlay mount over a copy of busybox."""
-    bundle = os.path.join(tmp, "bundle")
-    subprocess.run([os.path.join(ROOT, "images/make-bundle.sh"), COCOON, bundle, BUSYBOX, "true"],
+WORKLOADS = {
+    "busybox": ("busybox `true`", [BUSYBOX], ["true"]),
+    "python": ("debian `python3 -c pass`", [DEBIAN_BASE, DEBIAN], ["python3", "-c", "pass"]),
+    "nginx": ("debian nginx to its first page", [DEBIAN_BASE, DEBIAN],
+              ["sh", "-c", 'nginx && exec python3 -c "$0"', FETCH_FIRST_PAGE]),
+}
+
+
+def make_bundle(tmp, name, trees, args):
+    """A bundle running `args` whose rootfs is an overlay mount of `trees` (lowest first): the
+    first tree is a layer as it is, each later one only what it adds to or changes in the one
+    below (rsync --compare-dest), as an image's layer diffs are."""
+    base = os.path.join(tmp, name)
+    bundle = os.path.join(base, "bundle")
+    empty = os.path.join(base, "empty")
+    os.makedirs(empty)
+    subprocess.run([os.path.join(ROOT, "images/make-bundle.sh"), COCOON, bundle, empty, *args],
                    check=True, stdout=subprocess.DEVNULL)
-    lower = os.path.join(tmp, "lower")
-    os.rename(os.path.join(bundle, "rootfs"), lower)
-    for d in ("upper", "work", os.path.join("bundle", "rootfs")):
-        os.makedirs(os.path.join(tmp, d), exist_ok=True)
+    # Docker's and Podman's defaults, which a server that drops to its own user needs.
+    config = os.path.join(bundle, "config.json")
+    with open(config) as f:
+        spec = json.load(f)
+    for caps in spec["process"]["capabilities"].values():
+        caps.extend(c for c in ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_SETGID", "CAP_SETUID")
+                    if c not in caps)
+    with open(config, "w") as f:
+        json.dump(spec, f)
+    layers = [trees[0]]
+    for n, (below, tree) in enumerate(zip(trees, trees[1:])):
+        diff = os.path.join(base, f"layer{n + 1}")
+        subprocess.run(["rsync", "-aHAX", f"--compare-dest={os.path.abspath(below)}/",
+                        f"{tree}/", f"{diff}/"], check=True)
+        layers.append(diff)
+    for d in ("upper", "work"):
+        os.makedirs(os.path.join(base, d))
+    lowerdir = ":".join(reversed(layers))
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={lower},upperdir={tmp}/upper,workdir={tmp}/work",
+                    f"lowerdir={lowerdir},upperdir={base}/upper,workdir={base}/work",
                     os.path.join(bundle, "rootfs")], check=True)
     return bundle
 
@@ -53,11 +105,13 @@ def timed(cmd, env=None):
 
 def cocoon_run(bundle, tmp, n, env):
     log = os.path.join(tmp, f"cocoon-{n}.log")
-    wall, proc = timed([COCOON, "--root", os.path.join(tmp, "cocoon-root"), "--log", log,
-                        "--log-format", "json", "--debug", "run", "--bundle", bundle, f"b{n}"], env)
+    root = os.path.join(tmp, "cocoon-root")
+    wall, proc = timed([COCOON, "--root", root, "--log", log, "--log-format", "json", "--debug",
+                        "run", "--bundle", bundle, f"b{n}"], env)
+    subprocess.run([COCOON, "--root", root, "delete", "--force", f"b{n}"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if proc.returncode != 0:
-        sys.exit(f"cocoon run failed: {proc.stderr.strip()}")
-    subprocess.run([COCOON, "--root", os.path.join(tmp, "cocoon-root"), "delete", f"b{n}"], check=True)
+        sys.exit(f"cocoon run failed ({proc.returncode}): {proc.stderr.strip()}")
     marks = {}
     with open(log) as f:
         for line in f:
@@ -88,52 +142,51 @@ def peer_run(name, cmd, bundle, tmp, n):
     return wall, None
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", "5")))
-    args = parser.parse_args()
-    for path in (COCOON, BUSYBOX):
+def bench(workload, runs, tmp):
+    label, trees, args = WORKLOADS[workload]
+    for path in (COCOON, *trees):
         if not os.path.exists(path):
             sys.exit(f"{path} is missing: run `make bench`")
     peers = {"runc": ["runc"], "runsc": ["runsc", "--platform=ptrace", "--network=none"],
              "crun": ["crun"]}
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = make_bundle(tmp)
-        # A layer cache of this run's own, so the first run is cold.
-        config = os.path.join(tmp, "config.toml")
-        with open(config, "w") as f:
-            f.write(f'layer_cache = "{tmp}/layers"\n')
-        env = dict(os.environ, COCOON_CONFIG=config)
-        try:
-            cocoon, times, errors = [], {p: [] for p in peers}, {}
-            for n in range(args.runs):
-                cocoon.append(cocoon_run(bundle, tmp, n, env))
-                for name, cmd in peers.items():
-                    if not shutil.which(cmd[0]) or name in errors:
-                        errors.setdefault(name, "not installed")
-                        continue
-                    wall, error = peer_run(name, cmd, bundle, tmp, n)
-                    if error:
-                        errors[name] = error
-                    else:
-                        times[name].append(wall)
-                c = cocoon[-1]
-                print(f"run {n + 1}/{args.runs}: cocoon {c['total']:.2f} s (images {c['images']:.3f} s), "
-                      + ", ".join(f"{p} {times[p][-1]:.3f} s" for p in peers if times[p]),
-                      file=sys.stderr)
-        finally:
-            subprocess.run(["umount", os.path.join(bundle, "rootfs")])
-    print(f"runtime benchmark: `run` of a bundle running `true`, {args.runs} runs each "
+    bundle = make_bundle(tmp, workload, trees, args)
+    # A layer cache of this workload's own, so its first run is cold.
+    config = os.path.join(tmp, f"{workload}.toml")
+    with open(config, "w") as f:
+        f.write(f'layer_cache = "{tmp}/{workload}-layers"\n')
+    env = dict(os.environ, COCOON_CONFIG=config)
+    try:
+        cocoon, times, errors = [], {p: [] for p in peers}, {}
+        for n in range(runs):
+            cocoon.append(cocoon_run(bundle, tmp, n, env))
+            for name, cmd in peers.items():
+                if not shutil.which(cmd[0]) or name in errors:
+                    errors.setdefault(name, "not installed")
+                    continue
+                wall, error = peer_run(name, cmd, bundle, tmp, n)
+                if error:
+                    errors[name] = error
+                else:
+                    times[name].append(wall)
+            c = cocoon[-1]
+            print(f"{workload} run {n + 1}/{runs}: cocoon {c['total']:.2f} s (images {c['images']:.3f} s), "
+                  + ", ".join(f"{p} {times[p][-1]:.3f} s" for p in peers if times[p]),
+                  file=sys.stderr)
+    finally:
+        subprocess.run(["umount", os.path.join(bundle, "rootfs")])
+    print(f"runtime benchmark: `run` of {label}, {runs} runs each "
           "(overlay rootfs; 256 MiB, 1 vCPU for cocoon)")
     print(f"cocoon images, cold (first run)     (s)  {cocoon[0]['images']:.3f}")
+    print(f"cocoon end to end, first run        (s)  {cocoon[0]['total']:.3f}")
+    cached = cocoon[1:] or cocoon
     if len(cocoon) > 1:
-        print(f"cocoon images, cached               (s)  {summary([c['images'] for c in cocoon[1:]], '{:.3f}')}")
+        print(f"cocoon images, cached               (s)  {summary([c['images'] for c in cached], '{:.3f}')}")
     for key, label in [("vmm", "monitor + VMM set-up"), ("boot", "guest boot to agent"),
                        ("create", "container create"), ("run", "start, run, exit reported"),
                        ("exit", "monitor exit")]:
-        print(f"cocoon {label:<29}(s)  {summary([c[key] for c in cocoon], '{:.3f}')}")
-    total = [c["total"] for c in cocoon]
-    print(f"cocoon run end to end               (s)  {summary(total, '{:.3f}')}")
+        print(f"cocoon {label:<29}(s)  {summary([c[key] for c in cached], '{:.3f}')}")
+    total = [c["total"] for c in cached]
+    print(f"cocoon end to end, cached           (s)  {summary(total, '{:.3f}')}")
     median = sorted(total)[len(total) // 2]
     for name in peers:
         if times[name]:
@@ -142,6 +195,17 @@ def main():
                   f"   cocoon/{name} = {median / peer_median:.1f}")
         else:
             print(f"{name + ' run':<36}     did not run: {errors.get(name)}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", "3")))
+    parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
+                        help="repeatable; all three by default")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for workload in args.workload or ["busybox", "python", "nginx"]:
+            bench(workload, args.runs, tmp)
 
 
 if __name__ == "__main__":

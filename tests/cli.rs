@@ -297,10 +297,14 @@ fn containers_live_and_die_like_runc_containers() {
     }
     let Some(bin) = cocoon_binary() else { return };
     let scratch = Scratch::new("cli");
-    let cocoon = Cocoon {
-        bin,
-        root: scratch.path("root"),
-    };
+    // A --root of 200+ bytes: every socket in a container's directory is past the 108 bytes
+    // of a sockaddr_un (Docker's state directories are already), and must work all the same.
+    let root = scratch
+        .path("root")
+        .join("r".repeat(120))
+        .join("s".repeat(80));
+    assert!(root.as_os_str().len() >= 200);
+    let cocoon = Cocoon { bin, root };
 
     let script = hook_script(&scratch.0);
 

@@ -2,99 +2,11 @@
 //! (`ctr run --runc-binary`): run, `task exec`, `task kill`. A containerd of the test's own, on a
 //! socket and state directories in a scratch directory.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, engine_inputs_or_skip};
+use cocoon_tests::{Containerd, ONE_VM_AT_A_TIME, Scratch, engine_inputs_or_skip};
 
 const IMAGE: &str = "cocoon/busybox:latest";
-
-struct Containerd {
-    daemon: Child,
-    address: PathBuf,
-    cocoon: PathBuf,
-}
-
-impl Containerd {
-    fn start(scratch: &Scratch, cocoon: PathBuf) -> Containerd {
-        let dir = &scratch.0;
-        let config = scratch.path("config.toml");
-        let address = scratch.path("containerd.sock");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{dir}/root\"\nstate = \"{dir}/state\"\n[grpc]\n  address = \"{sock}\"\n",
-                dir = dir.display(),
-                sock = address.display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(scratch.path("containerd.log")).unwrap();
-        let daemon = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let containerd = Containerd {
-            daemon,
-            address,
-            cocoon,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !containerd.ctr(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "containerd did not come up");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        containerd
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ctr");
-        cmd.env("CONTAINERD_ADDRESS", &self.address)
-            .args(args)
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn ctr(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run ctr")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        assert!(
-            out.status.success(),
-            "ctr {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn task_status(&self, id: &str) -> String {
-        self.ok(&["task", "ls"])
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(id))
-            .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        for id in ["c1", "c2"] {
-            let _ = self.command(&["task", "kill", "-s", "KILL", id]).output();
-            let _ = self.command(&["task", "delete", "--force", id]).output();
-            let _ = self.command(&["container", "delete", id]).output();
-        }
-        // SAFETY: SIGTERM to the containerd we started.
-        unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
-        let _ = self.daemon.wait();
-    }
-}
 
 #[test]
 fn containerd_runs_tasks_through_its_runc_shim() {
@@ -103,7 +15,7 @@ fn containerd_runs_tasks_through_its_runc_shim() {
         return;
     };
     let scratch = Scratch::new("containerd");
-    let containerd = Containerd::start(&scratch, cocoon);
+    let containerd = Containerd::start(&scratch);
     containerd.ok(&[
         "image",
         "import",
@@ -111,7 +23,7 @@ fn containerd_runs_tasks_through_its_runc_shim() {
         IMAGE,
         image.to_str().unwrap(),
     ]);
-    let runc_binary = containerd.cocoon.to_str().unwrap().to_owned();
+    let runc_binary = cocoon.to_str().unwrap().to_owned();
 
     // ctr run: output and exit status through the runc shim.
     let out = containerd.ctr(&[

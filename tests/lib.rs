@@ -89,6 +89,11 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // COCOON_KEEP_SCRATCH=1 keeps console logs and sockets of a failed run for a look.
+        if std::env::var_os("COCOON_KEEP_SCRATCH").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -271,4 +276,385 @@ pub fn engine_inputs_or_skip(test: &str, binary: &str) -> Option<(PathBuf, PathB
     );
     eprintln!("SKIPPED {test}: missing {missing:?} (run `make test`)");
     None
+}
+
+/// Whether every one of `paths` exists; if not, says which are missing and that `make
+/// make_target` builds them, and returns false outside CI, where the test skips, or panics in
+/// CI, where that is a failure.
+pub fn paths_present_or_skip(test: &str, paths: &[&Path], make_target: &str) -> bool {
+    let missing: Vec<String> = paths
+        .iter()
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{test}: missing {missing:?}, and CI=true requires this test"
+    );
+    eprintln!("SKIPPED {test}: missing {missing:?} (run `make {make_target}`, which builds it)");
+    false
+}
+
+/// The built `cocoon`, the Debian test image archive (`make debian-image`) and the root
+/// filesystem it was made from.
+pub struct DebianInputs {
+    pub cocoon: PathBuf,
+    pub image: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+/// [`DebianInputs`] for a test that drives the engine binary `engine`, or `None` (after saying
+/// why) when something is missing outside CI; in CI a missing one is a failure.
+pub fn debian_inputs_or_skip(test: &str, engine: &str) -> Option<DebianInputs> {
+    artifacts_or_skip(test)?;
+    let inputs = DebianInputs {
+        cocoon: from_env("COCOON_BIN", "target/release/cocoon"),
+        image: from_env("COCOON_DEBIAN_OCI_IMAGE", "build/debian-oci.tar"),
+        rootfs: from_env("COCOON_DEBIAN_ROOTFS", "build/debian/rootfs"),
+    };
+    let paths = [
+        inputs.cocoon.as_path(),
+        &inputs.image,
+        &inputs.rootfs,
+        Path::new(engine),
+    ];
+    paths_present_or_skip(test, &paths, "test").then_some(inputs)
+}
+
+/// Podman (Debian's 4.3, with conmon) with configuration and storage of its own under a
+/// scratch directory and `runtime` as its default OCI runtime, named `cocoon`. Only what these
+/// machines need differs from Podman's defaults (docs/podman.md), plus `netns = "none"`
+/// until containers get networking, plus `containers_extra` lines in `[containers]`. Dropping
+/// it removes its containers and storage.
+pub struct Podman {
+    pub conf: PathBuf,
+    pub storage: PathBuf,
+}
+
+impl Podman {
+    pub fn setup(scratch: &Scratch, runtime: &Path, containers_extra: &str) -> Podman {
+        let dir = &scratch.0;
+        let conf = scratch.path("containers.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[containers]\nnetns = \"none\"\n{containers_extra}\n\
+                 [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+                 events_logfile_path = \"{dir}/events.log\"\nruntime = \"cocoon\"\ntmp_dir = \"{dir}/tmp\"\n\
+                 [engine.runtimes]\ncocoon = [\"{runtime}\"]\n",
+                dir = dir.display(),
+                runtime = runtime.display()
+            ),
+        )
+        .unwrap();
+        let storage = scratch.path("storage.conf");
+        std::fs::write(
+            &storage,
+            format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{dir}/storage\"\nrunroot = \"{dir}/run\"\n",
+                dir = dir.display()
+            ),
+        )
+        .unwrap();
+        Podman { conf, storage }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", &self.conf)
+            .env("CONTAINERS_STORAGE_CONF", &self.storage)
+            .args(args)
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run podman")
+    }
+
+    /// Runs podman, fails the test unless it succeeds, and returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "podman {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        // Stop anything a failed assertion left running, then unmount podman's storage.
+        let _ = self
+            .command(&["rm", "--all", "--force", "--time", "0"])
+            .output();
+        let _ = self.command(&["system", "reset", "--force"]).output();
+    }
+}
+
+/// A containerd (Debian's 1.6) of the test's own: root, state and socket in a scratch
+/// directory, `ctr` pointed at it. Dropping it removes its tasks and containers and stops it.
+pub struct Containerd {
+    daemon: Option<std::process::Child>,
+    pub address: PathBuf,
+}
+
+impl Containerd {
+    pub fn start(scratch: &Scratch) -> Containerd {
+        let dir = &scratch.0;
+        let config = scratch.path("config.toml");
+        let address = scratch.path("containerd.sock");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{dir}/root\"\nstate = \"{dir}/state\"\n[grpc]\n  address = \"{sock}\"\n",
+                dir = dir.display(),
+                sock = address.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(scratch.path("containerd.log")).unwrap();
+        let daemon = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let containerd = Containerd {
+            daemon: Some(daemon),
+            address,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !containerd.ctr(&["version"]).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "containerd did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        containerd
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.env("CONTAINERD_ADDRESS", &self.address)
+            .args(args)
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run ctr")
+    }
+
+    /// Runs ctr, fails the test unless it succeeds, and returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The status column of `ctr task ls` for `id` (empty when there is no such task).
+    pub fn task_status(&self, id: &str) -> String {
+        self.ok(&["task", "ls"])
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    /// Kills and deletes every task and container, then stops containerd and waits for it.
+    pub fn shut_down(&mut self) {
+        let Some(mut daemon) = self.daemon.take() else {
+            return;
+        };
+        let ids = |what: &str| -> Vec<String> {
+            self.ctr(&[what, "ls", "-q"])
+                .stdout
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| String::from_utf8_lossy(l).into_owned())
+                .collect()
+        };
+        for id in ids("task") {
+            let _ = self.ctr(&["task", "kill", "-s", "KILL", &id]);
+            let _ = self.ctr(&["task", "delete", "--force", &id]);
+        }
+        for id in ids("container") {
+            let _ = self.ctr(&["container", "delete", &id]);
+        }
+        // SAFETY: SIGTERM to the containerd we started.
+        unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+        let _ = daemon.wait();
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+/// Processes other than this one whose command line contains `needle`, as "PID: ARGS".
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let own = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().into_string().ok()?;
+            if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == own {
+                return None;
+            }
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            text.contains(needle)
+                .then(|| format!("{pid}: {}", text.trim_end()))
+        })
+        .collect()
+}
+
+/// Debian's `docker` client, not whatever `docker` comes first on `PATH`: it matches the
+/// daemon.
+pub const DOCKER_CLIENT: &str = "/usr/bin/docker";
+/// Debian's dockerd.
+pub const DOCKER_DAEMON: &str = "/usr/sbin/dockerd";
+
+/// A Docker daemon (Debian's 20.10) of the test's own: `data-root`, pid file, socket and
+/// `daemon.json` in a scratch directory, the default exec root (so containers' state
+/// directories are Docker's usual `/var/run/docker/runtime-runc/moby/<64 hex>/`), cgroupfs and
+/// overlay2 (what works on these machines, docs/docker.md), no bridge or iptables (containers
+/// run with `--network none`), and `cocoon` registered as runtime `cocoon` and made the
+/// default. Dropping it removes its containers, stops it and unmounts what it left mounted.
+pub struct Docker {
+    daemon: Option<std::process::Child>,
+    pub host: String,
+    data_root: PathBuf,
+}
+
+impl Docker {
+    pub fn start(scratch: &Scratch, cocoon: &Path) -> Docker {
+        let data_root = scratch.path("data-root");
+        let config = scratch.path("daemon.json");
+        let daemon_json = serde_json::json!({
+            "data-root": data_root,
+            "pidfile": scratch.path("docker.pid"),
+            "exec-opts": ["native.cgroupdriver=cgroupfs"],
+            "storage-driver": "overlay2",
+            "bridge": "none",
+            "iptables": false,
+            "runtimes": {"cocoon": {"path": cocoon}},
+            "default-runtime": "cocoon",
+        });
+        std::fs::write(&config, daemon_json.to_string()).unwrap();
+        let host = format!("unix://{}", scratch.path("docker.sock").display());
+        let log = std::fs::File::create(scratch.path("dockerd.log")).unwrap();
+        let daemon = Command::new(DOCKER_DAEMON)
+            .arg("--config-file")
+            .arg(&config)
+            .args(["-H", &host])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd");
+        let mut docker = Docker {
+            daemon: Some(daemon),
+            host,
+            data_root,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !docker.run(&["version"]).status.success() {
+            if let Some(daemon) = docker.daemon.as_mut()
+                && let Ok(Some(status)) = daemon.try_wait()
+            {
+                panic!(
+                    "dockerd exited ({status}): {}",
+                    std::fs::read_to_string(scratch.path("dockerd.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dockerd did not come up: {}",
+                std::fs::read_to_string(scratch.path("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        docker
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(DOCKER_CLIENT);
+        cmd.env("DOCKER_HOST", &self.host)
+            .args(args)
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run docker")
+    }
+
+    /// Runs docker, fails the test unless it succeeds, and returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Removes every container, stops dockerd (it unmounts its layers on the way out), waits
+    /// for it and unmounts whatever is still mounted under its data root.
+    pub fn shut_down(&mut self) {
+        let Some(mut daemon) = self.daemon.take() else {
+            return;
+        };
+        let ids = String::from_utf8_lossy(&self.run(&["ps", "-aq"]).stdout).into_owned();
+        for id in ids.split_whitespace() {
+            let _ = self.run(&["rm", "--force", id]);
+        }
+        // SAFETY: SIGTERM to the dockerd we started.
+        unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while matches!(daemon.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut under: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| Path::new(m).starts_with(&self.data_root))
+            .collect();
+        // Deepest first.
+        under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mount in under {
+            let _ = Command::new("umount").args(["-l", mount]).status();
+        }
+    }
+}
+
+impl Drop for Docker {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
 }

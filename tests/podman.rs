@@ -2,80 +2,11 @@
 //! commands a user types, each container in a microVM. Test-local configuration and storage;
 //! the image is the busybox OCI archive the project builds (no registry).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, engine_inputs_or_skip};
+use cocoon_tests::{ONE_VM_AT_A_TIME, Podman, Scratch, engine_inputs_or_skip};
 
 const IMAGE: &str = "localhost/cocoon-busybox:latest";
-
-struct Podman {
-    conf: PathBuf,
-    storage: PathBuf,
-}
-
-impl Podman {
-    fn setup(scratch: &Scratch, cocoon: &Path) -> Podman {
-        let dir = &scratch.0;
-        let conf = scratch.path("containers.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "[containers]\nnetns = \"none\"\n\
-                 [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
-                 events_logfile_path = \"{dir}/events.log\"\nruntime = \"cocoon\"\ntmp_dir = \"{dir}/tmp\"\n\
-                 [engine.runtimes]\ncocoon = [\"{cocoon}\"]\n",
-                dir = dir.display(),
-                cocoon = cocoon.display()
-            ),
-        )
-        .unwrap();
-        let storage = scratch.path("storage.conf");
-        std::fs::write(
-            &storage,
-            format!(
-                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{dir}/storage\"\nrunroot = \"{dir}/run\"\n",
-                dir = dir.display()
-            ),
-        )
-        .unwrap();
-        Podman { conf, storage }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("podman");
-        cmd.env("CONTAINERS_CONF", &self.conf)
-            .env("CONTAINERS_STORAGE_CONF", &self.storage)
-            .args(args)
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run podman")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "podman {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        // Stop anything a failed assertion left running, then unmount podman's storage.
-        let _ = self
-            .command(&["rm", "--all", "--force", "--time", "0"])
-            .output();
-        let _ = self.command(&["system", "reset", "--force"]).output();
-    }
-}
 
 #[test]
 fn podman_runs_containers_in_microvms() {
@@ -84,7 +15,7 @@ fn podman_runs_containers_in_microvms() {
         return;
     };
     let scratch = Scratch::new("podman");
-    let podman = Podman::setup(&scratch, &cocoon);
+    let podman = Podman::setup(&scratch, &cocoon, "");
     podman.ok(&["load", "-i", image.to_str().unwrap()]);
 
     // The container's output, from a guest kernel that is not the host's.

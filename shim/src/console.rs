@@ -3,7 +3,6 @@
 //! guest's own pty.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 pub struct Pty {
@@ -57,7 +56,8 @@ pub fn open_pty() -> std::io::Result<Pty> {
 
 /// Sends `fd` over the Unix socket at `path`, the way runc hands over a console.
 pub fn send_fd(path: &Path, fd: RawFd) -> std::io::Result<()> {
-    let socket = UnixStream::connect(path)?;
+    // The engine picks the path (runc accepts any length).
+    let socket = cocoon_agent_protocol::client::connect_unix(path)?;
     let name = b"/dev/ptmx";
     let mut iov = libc::iovec {
         iov_base: name.as_ptr() as *mut libc::c_void,

@@ -40,6 +40,7 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
             println!("{:#}", cli::features::features());
             Ok(())
         }
+        Command::Check { format } => cli::check::check(format),
         Command::Spec { bundle } => cli::spec::spec(bundle),
         Command::Monitor { id } => {
             state::check_id(id)?;

@@ -12,14 +12,17 @@ pub const BASE: &str = "reboot=k panic=-1 pci=off nomodules tsc=reliable no_time
 
 /// What an unmodified guest needs on a PVM host, where guest kernel code is emulated: features
 /// the emulator cannot execute are hidden before the kernel patches its instructions (CPUID
-/// cannot hide them there; see docs/architecture.md).
+/// cannot hide them there; see docs/architecture.md). `erms` and `fsrm` are hidden for speed:
+/// with them the kernel copies and clears memory with `rep movsb`/`rep stosb`, which the
+/// emulator runs one byte per step; without them it moves 8 bytes per step (measured: boot to
+/// the agent 24.5 s -> 20.4 s, reading a 32 MiB disk in the guest 66 s -> 36 s).
 ///
 /// `noxsave` leaves the guest kernel saving only x87 and SSE registers across context switches,
 /// while guest user mode runs with the host's XCR0 (AVX, AVX-512: the host ignores the guest's
 /// XSETBV): guest processes that use AVX overwrite each other's registers. The kernel passes
 /// `GLIBC_TUNABLES` to init as an environment variable; the agent runs with it and hands it to
 /// every container process, so glibc's string and memory functions stay on SSE.
-pub const PVM_OPTIONS: &str = "noxsave clearcpuid=smap,smep,popcnt,fsgsbase,cx16 \
+pub const PVM_OPTIONS: &str = "noxsave clearcpuid=smap,smep,popcnt,fsgsbase,cx16,erms,fsrm \
     GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-FMA,-FMA4,-AVX512F,-AVX512CD,-AVX512BW,\
     -AVX512DQ,-AVX512VL,-AVX512ER,-AVX512PF";
 

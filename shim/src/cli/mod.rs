@@ -1,5 +1,6 @@
 //! The command line, as runc has it: global flags, then one verb per file in this folder.
 
+pub mod check;
 pub mod create;
 pub mod delete;
 pub mod exec;
@@ -192,6 +193,11 @@ pub enum Command {
     },
     /// Print what this runtime supports, as JSON (OCI runtime features).
     Features,
+    /// Check whether this host can run cocoon's microVMs (exits non-zero when it cannot).
+    Check {
+        #[arg(short, long, default_value = "text", value_name = "text|json")]
+        format: String,
+    },
     /// Write a default config.json to the bundle directory.
     Spec {
         #[arg(short, long, default_value = ".", value_name = "DIR")]

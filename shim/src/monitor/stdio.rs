@@ -70,6 +70,18 @@ impl Stdio {
             // SAFETY: the slave becomes our controlling terminal (we lead our own session), so
             // window-size changes reach us as SIGWINCH.
             unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCSCTTY, 0) };
+            // The pty replaces the stdio we inherited from `create`, as it replaces runc's
+            // init's: engines wait for those to close (containerd's shim reads `create`'s
+            // output to EOF, so `docker run -it` would never start).
+            for fd in 0..=2 {
+                // SAFETY: dup2 onto our own standard fds; the slave stays open in `pty`.
+                if unsafe { libc::dup2(pty.slave.as_raw_fd(), fd) } < 0 {
+                    return Err(format!(
+                        "dup2 pty to fd {fd}: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
+            }
             let conn = attach(StdioStream::Terminal)?;
             let slave = File::from(pty.slave.try_clone().map_err(e)?);
             let slave_in = slave.try_clone().map_err(e)?;

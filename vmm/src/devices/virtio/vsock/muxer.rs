@@ -19,6 +19,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use cocoon_agent_protocol::client::{bind_unix, connect_unix};
+
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::{Connection, State};
@@ -86,7 +88,8 @@ impl Muxer {
                 ));
             }
         }
-        let listener = UnixListener::bind(uds_path)?;
+        // The path is the engine's state directory plus a name: any length.
+        let listener = bind_unix(uds_path)?;
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -409,16 +412,17 @@ impl Muxer {
             self.reset_unknown(&header);
             return;
         }
-        let path = format!("{}_{}", self.uds_path.display(), header.dst_port);
-        let stream =
-            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!("vsock: guest connect to {path}: {e}");
-                    self.reset_unknown(&header);
-                    return;
-                }
-            };
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{}", header.dst_port));
+        let path = PathBuf::from(path);
+        let stream = match connect_unix(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("vsock: guest connect to {}: {e}", path.display());
+                self.reset_unknown(&header);
+                return;
+            }
+        };
         let mut conn =
             Connection::new(stream, header.dst_port, header.src_port, State::Established);
         conn.update_peer_credit(&header);
@@ -549,6 +553,41 @@ mod tests {
         assert_eq!(parse_connect(b"CONNECT 99999999999\n"), None);
         assert_eq!(parse_connect(b"connect 1\n"), None);
         assert_eq!(parse_connect(b"CONNECT 1"), None);
+    }
+
+    #[test]
+    fn sockets_in_a_long_state_dir() {
+        // Docker's /var/run/docker/runtime-runc/moby/<64 hex>/ and then some.
+        let root = std::env::temp_dir().join(format!("cocoon-vsock-long-{}", std::process::id()));
+        let dir = root.join("r".repeat(130)).join("f".repeat(64));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vsock.sock");
+        assert!(path.as_os_str().len() > 200);
+        let mut m = Muxer::new(CID, &path).unwrap();
+
+        let mut client = connect_unix(&path).unwrap();
+        client.write_all(b"CONNECT 5000\n").unwrap();
+        settle(&mut m);
+        let (req, _) = m.next_rx(4096).expect("a REQUEST for the guest");
+        assert_eq!((req.op, req.dst_port), (OP_REQUEST, 5000));
+
+        // The guest-initiated companion PATH_7000 is longer still.
+        let mut companion = path.clone().into_os_string();
+        companion.push("_7000");
+        let listener = bind_unix(Path::new(&companion)).unwrap();
+        m.handle_guest_packet(
+            Header {
+                dst_port: 7000,
+                ..guest_header(OP_REQUEST, 0)
+            },
+            &[],
+        );
+        let (h, _) = m.next_rx(4096).unwrap();
+        assert_eq!(h.op, OP_RESPONSE);
+        listener.accept().unwrap();
+        drop(m);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
