@@ -408,6 +408,59 @@ fn containers_live_and_die_like_runc_containers() {
     assert!(cocoon.ok(&["list"]).contains("c1"));
     let ps: Vec<i32> = serde_json::from_str(&cocoon.ok(&["ps", "--format", "json", "c1"])).unwrap();
     assert!(!ps.is_empty());
+    // update: new limits in the guest's cgroup, seen by the container at /sys/fs/cgroup (its
+    // cgroup namespace's root); events --stats: runc's stats event from that cgroup.
+    let cgroup_file = |file: &str| {
+        cocoon
+            .ok(&["exec", "c1", "cat", &format!("/sys/fs/cgroup/{file}")])
+            .trim()
+            .to_owned()
+    };
+    cocoon.ok(&["update", "--memory", "64m", "c1"]);
+    assert_eq!(cgroup_file("memory.max"), (64u64 << 20).to_string());
+    cocoon.ok(&["update", "--pids-limit", "50", "c1"]);
+    assert_eq!(cgroup_file("pids.max"), "50");
+    let mut update = cocoon
+        .command(&["update", "--resources", "-", "c1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut update.stdin.take().unwrap(),
+        br#"{"memory":{"limit":100663296},"cpu":{"quota":200000,"period":100000,"shares":0},"pids":{"limit":0}}"#,
+    )
+    .unwrap();
+    let out = update.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(cgroup_file("memory.max"), (96u64 << 20).to_string());
+    // Two CPUs' worth: the VM has one, so the counter below is not throttled.
+    assert_eq!(cgroup_file("cpu.max"), "200000 100000");
+    assert_eq!(
+        cgroup_file("pids.max"),
+        "50",
+        "a zero pids limit changes nothing"
+    );
+    let err = cocoon.fails(&["update", "--memory", "lots", "c1"]);
+    assert!(err.contains("invalid resources: --memory"), "{err}");
+    let event: Value = serde_json::from_str(&cocoon.ok(&["events", "--stats", "c1"])).unwrap();
+    assert_eq!(
+        (event["type"].as_str(), event["id"].as_str()),
+        (Some("stats"), Some("c1"))
+    );
+    let memory = &event["data"]["memory"]["usage"];
+    assert!(memory["usage"].as_u64().unwrap() > 0, "{event}");
+    assert_eq!(memory["limit"].as_u64(), Some(96 << 20), "{event}");
+    assert_eq!(event["data"]["pids"]["limit"].as_u64(), Some(50), "{event}");
+    assert!(
+        event["data"]["cpu"]["usage"]["total"].as_u64().unwrap() > 0,
+        "{event}"
+    );
     // exec: a further process in the container, its output and status ours.
     let out = cocoon.run(&[
         "exec",
@@ -447,13 +500,92 @@ fn containers_live_and_die_like_runc_containers() {
         .parse()
         .unwrap();
     assert!(alive(exec_pid));
+
+    // pause and resume: the vCPUs stop, so a counter in the guest stands still, then goes on.
+    let counter = scratch.path("counter.json");
+    std::fs::write(
+        &counter,
+        r#"{"args":["sh","-c","i=0; while true; do i=$((i+1)); echo $i > /tmp/n; usleep 100000; done"],"cwd":"/","user":{"uid":0,"gid":0}}"#,
+    )
+    .unwrap();
+    cocoon.detached(&[
+        "exec",
+        "--process",
+        counter.to_str().unwrap(),
+        "--detach",
+        "c1",
+    ]);
+    let count = || -> i64 {
+        let out = cocoon.ok(&["exec", "c1", "cat", "/tmp/n"]);
+        out.trim().parse().unwrap_or_else(|_| panic!("counter {out:?}"))
+    };
+    let three_s = std::time::Duration::from_secs(3);
+    let before = count();
+    std::thread::sleep(three_s);
+    let running = count() - before;
+    assert!(running >= 4, "the counter barely moves while running: {running}");
+    let before = count();
+    cocoon.ok(&["pause", "c1"]);
+    assert_eq!(cocoon.state("c1")["status"], "paused");
+    let err = cocoon.fails(&["exec", "c1", "true"]);
+    assert!(err.contains("paused"), "{err}");
+    assert!(cocoon.fails(&["pause", "c1"]).contains("paused"));
+    assert!(cocoon.fails(&["delete", "c1"]).contains("not stopped"));
+    for verb in [
+        &["update", "--pids-limit", "60", "c1"][..],
+        &["events", "--stats", "c1"],
+    ] {
+        let err = cocoon.fails(verb);
+        assert!(err.contains("container c1 is paused"), "{verb:?}: {err}");
+    }
+    std::thread::sleep(three_s);
+    cocoon.ok(&["resume", "c1"]);
+    assert_eq!(cocoon.state("c1")["status"], "running");
+    let paused = count() - before;
+    assert!(
+        paused * 2 < running,
+        "the counter went on while paused: {paused} (running: {running} in the same time)"
+    );
+    let err = cocoon.fails(&["resume", "c1"]);
+    assert!(err.contains("container c1 is not paused"), "{err}");
+
+    // events without --stats: a stats event a tick until the container stops, then exit 0.
+    let events = cocoon
+        .command(&["events", "--interval", "300ms", "c1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_secs(1));
+    // A signal to a paused container waits for the resume, as with a frozen cgroup.
+    cocoon.ok(&["pause", "c1"]);
     cocoon.ok(&["kill", "c1", "TERM"]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(cocoon.state("c1")["status"], "paused");
+    assert!(alive(pid));
+    cocoon.ok(&["resume", "c1"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while alive(pid) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert_eq!(cocoon.state("c1")["status"], "stopped");
+    let events = events.wait_with_output().unwrap();
+    assert!(
+        events.status.success(),
+        "{}",
+        String::from_utf8_lossy(&events.stderr)
+    );
+    let stream = String::from_utf8_lossy(&events.stdout);
+    assert!(stream.lines().count() >= 2, "{stream}");
+    for line in stream.lines() {
+        let event: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(event["type"], "stats", "{line}");
+    }
+    let err = cocoon.fails(&["update", "--memory", "32m", "c1"]);
+    assert!(err.contains("container not running"), "{err}");
+    let err = cocoon.fails(&["events", "--stats", "c1"]);
+    assert!(err.contains("container not running"), "{err}");
     // The exec'd process died with the container's pid namespace, and its monitor with it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while alive(exec_pid) && std::time::Instant::now() < deadline {

@@ -97,6 +97,26 @@ fn docker_runs_containers_in_microvms() {
     ]);
     assert!(exec.starts_with("from-exec\nsh\0-c\0"), "{exec:?}");
     assert!(docker.ok(&["logs", "d1"]).contains("ready"));
+    // update: containerd's runc shim hands the new limits to `cocoon update -r -`.
+    docker.ok(&["update", "--memory", "64m", "d1"]);
+    assert_eq!(
+        docker
+            .ok(&["exec", "d1", "cat", "/sys/fs/cgroup/memory.max"])
+            .trim(),
+        (64u64 << 20).to_string()
+    );
+    // pause and unpause: through containerd's runc shim to the VM's vCPUs.
+    let status = |docker: &Docker| {
+        docker
+            .ok(&["inspect", "--format", "{{.State.Status}}", "d1"])
+            .trim()
+            .to_owned()
+    };
+    docker.ok(&["pause", "d1"]);
+    assert_eq!(status(&docker), "paused");
+    docker.ok(&["unpause", "d1"]);
+    assert_eq!(status(&docker), "running");
+    assert_eq!(docker.ok(&["exec", "d1", "echo", "after"]).trim(), "after");
     docker.ok(&["stop", "-t", "20", "d1"]);
     assert!(docker.ok(&["logs", "d1"]).contains("stopping"));
     assert_eq!(exit_code(&docker, "d1"), "0");

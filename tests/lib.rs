@@ -5,6 +5,8 @@
 //! message. `make test` builds the artifacts and points the tests at them through
 //! `COCOON_KERNEL`, `COCOON_INITRD` and `COCOON_VMM`.
 
+pub mod guest;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -232,6 +234,34 @@ pub fn rootfs_or_skip(test: &str) -> Option<PathBuf> {
     }
     eprintln!("SKIPPED {test}: {problem}");
     None
+}
+
+/// Sends one request line to a `cocoon-vmm --api-sock` socket and returns its JSON reply.
+pub fn api_ask(stream: &mut std::os::unix::net::UnixStream, request: &str) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    writeln!(stream, "{request}").unwrap();
+    let mut reply = String::new();
+    std::io::BufReader::new(stream.try_clone().unwrap())
+        .read_line(&mut reply)
+        .unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?} to {request}: {e}"))
+}
+
+/// Connects to a VMM's API socket once it exists (the VMM binds it before the guest runs).
+pub fn api_connect(path: &Path, vm: &mut RunningVm) -> std::os::unix::net::UnixStream {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(stream) = std::os::unix::net::UnixStream::connect(path) {
+            return stream;
+        }
+        vm.assert_running();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no API socket at {}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// A VMM process, killed and reaped when dropped.

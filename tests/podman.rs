@@ -67,6 +67,18 @@ fn podman_runs_containers_in_microvms() {
         "podman exec -it d1 sh -c 'test -t 0 && echo exec-tty'",
     );
     assert!(text.contains("exec-tty"), "{text:?}");
+    // pause and unpause: the engine's verbs reach the VM's vCPUs through the runtime.
+    let status = |podman: &Podman| {
+        podman
+            .ok(&["inspect", "--format", "{{.State.Status}}", "d1"])
+            .trim()
+            .to_owned()
+    };
+    podman.ok(&["pause", "d1"]);
+    assert_eq!(status(&podman), "paused");
+    podman.ok(&["unpause", "d1"]);
+    assert_eq!(status(&podman), "running");
+    assert_eq!(podman.ok(&["exec", "d1", "echo", "after"]).trim(), "after");
     podman.ok(&["stop", "-t", "10", "d1"]);
     assert!(podman.ok(&["logs", "d1"]).contains("stopping"));
     assert_eq!(

@@ -3,7 +3,9 @@
 
 use std::process::Command;
 
-use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, artifacts_or_skip, pvh_elf, run, vmm_or_skip};
+use cocoon_tests::{
+    ONE_VM_AT_A_TIME, Scratch, api_ask as ask, artifacts_or_skip, pvh_elf, run, vmm_or_skip,
+};
 
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -26,6 +28,7 @@ fn help_lists_every_flag() {
         "--disk",
         "--console",
         "--metrics",
+        "--api-sock",
     ] {
         assert!(
             help.contains(flag),
@@ -204,4 +207,113 @@ fn sigterm_kills_the_guest_and_leaves_nothing_behind() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("stopped by signal 15"), "{stderr}");
     assert!(!uds.exists(), "vsock socket left behind");
+}
+
+/// One request on the VMM's API socket, its reply parsed.
+#[test]
+fn api_socket_pauses_and_resumes_a_booting_guest() {
+    use std::time::{Duration, Instant};
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(artifacts) = artifacts_or_skip("api_socket_pauses_and_resumes_a_booting_guest") else {
+        return;
+    };
+    let scratch = Scratch::new("api");
+    let api = scratch.path("api.sock");
+    let console = scratch.path("console.log");
+    let metrics = scratch.path("metrics.json");
+    // The boot self-check with no disks: the agent comes up and powers off.
+    let mut child = cocoon_tests::RunningVm {
+        child: artifacts
+            .vmm_command(&[])
+            .args(["--console", console.to_str().unwrap()])
+            .args(["--metrics", metrics.to_str().unwrap()])
+            .args(["--api-sock", api.to_str().unwrap()])
+            .args(["--cpus", "2", "--cmdline", "cocoon.check=1"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        if let Ok(stream) = std::os::unix::net::UnixStream::connect(&api) {
+            break stream;
+        }
+        child.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "no API socket at {}",
+            api.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Let the guest get going (its first exits), so the pause has running vCPUs to stop.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ask(&mut stream, r#"{"action":"state"}"#)["exits"] == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let paused = ask(&mut stream, r#"{"action":"pause"}"#);
+    assert_eq!(paused, serde_json::json!({"ok": true, "state": "paused"}));
+    let before = ask(&mut stream, r#"{"action":"state"}"#);
+    assert_eq!(before["state"], "paused", "{before}");
+    assert_eq!(
+        before["vcpus"],
+        serde_json::json!(["paused", "paused"]),
+        "{before}"
+    );
+    let console_before = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(3));
+    // Frozen: no exit, no console byte, no boot marker, still alive.
+    child.assert_running();
+    let after = ask(&mut stream, r#"{"action":"state"}"#);
+    assert_eq!(after, before, "the guest ran while paused");
+    assert_eq!(after["agent_up"], false, "{after}");
+    assert_eq!(
+        std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0),
+        console_before,
+        "console output while paused"
+    );
+    // Bad requests are answered, and the VM stays paused.
+    let bad = ask(&mut stream, r#"{"action":"reboot"}"#);
+    assert_eq!(bad["ok"], false, "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap().contains("unknown action"),
+        "{bad}"
+    );
+    assert_eq!(ask(&mut stream, "not json")["ok"], false);
+
+    let resumed = ask(&mut stream, r#"{"action":"resume"}"#);
+    assert_eq!(resumed, serde_json::json!({"ok": true, "state": "running"}));
+    assert_eq!(
+        ask(&mut stream, r#"{"action":"state"}"#)["state"],
+        "running"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = child.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not power off after resume"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    let _ = std::io::Read::read_to_string(child.child.stderr.as_mut().unwrap(), &mut stderr);
+    let console = std::fs::read_to_string(&console).unwrap_or_default();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "stderr: {stderr}\nconsole:\n{console}"
+    );
+    assert!(console.contains("cocoon-agent: up, kernel "), "{console}");
+    let metrics = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        metrics.contains("\"exit_reason\":\"powered_off\""),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("\"agent_up_us\":null"), "{metrics}");
+    assert!(!api.exists(), "API socket left behind");
 }

@@ -134,6 +134,12 @@ fn handle(request: Request) -> Result<Reply, AgentError> {
             .map(|()| Reply::Done),
         Request::State { container_id } => containers.state(&container_id).map(Reply::State),
         Request::Stats { container_id } => containers.stats(&container_id).map(Reply::Stats),
+        Request::UpdateResources {
+            container_id,
+            resources,
+        } => containers
+            .update(&container_id, &resources)
+            .map(|()| Reply::Done),
         Request::ListProcesses { container_id } => {
             containers.processes(&container_id).map(Reply::Processes)
         }

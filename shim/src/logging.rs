@@ -10,23 +10,7 @@ use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::prelude::*;
 
-static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-
-/// Records when this process started, for [`phase`].
-pub fn mark_start() {
-    STARTED.get_or_init(std::time::Instant::now);
-}
-
-/// A debug line marking a phase of the container's start or end, with the milliseconds since
-/// this process started (`--debug`; `bench/runtime.py` reads them).
-pub fn phase(name: &str) {
-    let elapsed = STARTED.get_or_init(std::time::Instant::now).elapsed();
-    tracing::debug!(
-        phase = name,
-        elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-        "{name}"
-    );
-}
+pub use cocoon_runtime::phase::{mark_start, phase};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {

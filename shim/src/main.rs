@@ -1,21 +1,14 @@
 //! `cocoon`: an OCI runtime with runc's command line, where each container is a microVM.
 //!
-//! The verbs live in `cli/`, one file each; `monitor/` is the process that stands in for a
-//! container's init (it runs the VM); `state.rs` keeps the per-container record; `hooks.rs`
-//! runs the spec's hooks on the host.
+//! The verbs live in `cli/`, one file each, thin over the `cocoon-runtime` library; `monitor/`
+//! is the process that stands in for a container's init (it holds the container's sandbox).
 
-mod bundle;
 mod cli;
-mod config;
-mod console;
 mod error;
-mod hooks;
-mod host_files;
-mod images;
 mod logging;
 mod monitor;
-mod signal;
-mod state;
+
+use cocoon_runtime::{config, console, hooks, signal, state, stdio};
 
 use std::process::ExitCode;
 
@@ -33,8 +26,12 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         Command::Kill { all, id, signal } => cli::kill::kill(global, id, signal, *all),
         Command::Delete { force, id } => cli::delete::delete(global, id, *force),
         Command::Run { create, detach, .. } => cli::run::run(global, create, *detach),
+        Command::Pause { id } => cli::pause::pause(global, id),
+        Command::Resume { id } => cli::pause::resume(global, id),
         Command::Exec(args) => cli::exec::exec(global, args),
         Command::Ps { format, id, .. } => cli::ps::ps(global, id, format),
+        Command::Update(args) => cli::update::update(global, args),
+        Command::Events(args) => cli::events::events(global, args),
         Command::List { format, quiet } => cli::list::list(global, format, *quiet),
         Command::Features => {
             println!("{:#}", cli::features::features());

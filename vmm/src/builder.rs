@@ -1,5 +1,6 @@
 //! The boot path, top to bottom: KVM and guest memory, the kernel and initramfs, boot
-//! structures, devices, vCPUs; then run until the guest stops.
+//! structures, devices, vCPUs; handed to `vm.rs`, which starts the threads paused. And the
+//! restore path, which makes the same parts from a snapshot instead of a boot.
 
 use std::fs::File;
 use std::io::Write;
@@ -28,6 +29,7 @@ use crate::config::{ConsoleConfig, VmConfig};
 use crate::devices::guest_status::GuestStatus;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialConsole;
+use crate::devices::registry::Devices;
 use crate::devices::virtio::block::{Block, Disk, DiskError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::Net;
@@ -36,8 +38,12 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::event_loop::{EventLoop, QueueKick};
-use crate::lifecycle::{ExitReason, Lifecycle};
+use crate::lifecycle::Lifecycle;
+use crate::bus::lock;
+use crate::devices::legacy::persist::SerialState;
+use crate::snapshot::{self, BootFiles, RestoreConfig, SnapshotError};
 use crate::vcpu::Vcpu;
+use crate::vm::{Parts, Vm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -95,56 +101,34 @@ pub enum BuildError {
     Event(std::io::Error),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot restore the serial port: {0}")]
+    Serial(#[from] crate::devices::legacy::persist::SerialRestoreError),
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(std::io::Error),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
     move |source| BuildError::KvmSetup { what, source }
 }
 
-/// How a run ended, with what the metrics need.
-pub struct RunOutcome {
-    pub reason: ExitReason,
-    pub lifecycle: Arc<Lifecycle>,
-    /// Host address ranges of guest RAM (left out of the VMM's own RSS).
-    pub guest_mappings: Vec<(usize, usize)>,
-    /// Guest RAM and the VM, kept while vCPUs may still be inside KVM_RUN: the process ends
-    /// without unmapping or closing them.
-    pub guest_memory: GuestMemoryMmap,
-    pub vm: VmFd,
-}
-
-/// Builds the VM described by `config`, boots it, and waits until it stops. Meant to be called
-/// once per process: when it returns, the vCPU and device threads are still parked in KVM and
-/// end with the process.
-pub fn run(
+/// Builds the VM described by `config`, its vCPUs created and parked before their first
+/// `KVM_RUN` (see [`Vm::build`]).
+pub fn build(
     config: &VmConfig,
     started: Instant,
     started_wall: SystemTime,
-) -> Result<RunOutcome, BuildError> {
-    run_with_signals(config, started, started_wall, true)
-}
-
-/// [`run`], with `stop_on_signals` saying whether SIGTERM, SIGINT and SIGHUP end the run. A
-/// caller that gives signals another meaning (the runtime forwards them to the container)
-/// passes false and handles them itself.
-pub fn run_with_signals(
-    config: &VmConfig,
-    started: Instant,
-    started_wall: SystemTime,
-    stop_on_signals: bool,
-) -> Result<RunOutcome, BuildError> {
+) -> Result<Vm, BuildError> {
     config.validate()?;
     let pvm_host = crate::host::is_pvm();
     let (lifecycle, ended) = Lifecycle::new(started, started_wall);
     let lifecycle = Arc::new(lifecycle);
-    if stop_on_signals {
-        // Before any other thread exists, so every thread inherits the blocked mask.
-        watch_stop_signals(lifecycle.clone())?;
-    }
+    let boot_files = BootFiles::of(config).map_err(|source| BuildError::Open {
+        what: "boot file",
+        path: config.kernel.clone(),
+        source,
+    })?;
 
     // KVM and guest memory.
-    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
-    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
     let mem_size = config.memory_bytes();
     let ranges: Vec<(GuestAddress, usize)> = memory_map::ram_regions(mem_size)
         .into_iter()
@@ -154,16 +138,7 @@ pub fn run_with_signals(
         mib: config.memory_mib,
         source,
     })?;
-    let guest_mappings = register_memory(&vm, &mem)?;
-    vm.set_tss_address(KVM_TSS_ADDRESS)
-        .map_err(kvm_err("set the TSS address"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("create the in-kernel irqchip"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+    let machine = Machine::create(&mem)?;
     phase(started, "vm and memory ready");
 
     // Kernel and initramfs.
@@ -177,41 +152,18 @@ pub fn run_with_signals(
     phase(started, "initramfs loaded");
 
     // Devices.
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
     let console = open_console(&config.console)?;
-    if let Some(out) = console {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Event)?;
-        vm.register_irqfd(&irq, SERIAL_IRQ)
-            .map_err(kvm_err("wire the serial IRQ"))?;
-        pio.insert(
-            SERIAL_PORT_BASE.into(),
-            8,
-            Arc::new(Mutex::new(SerialConsole::new(irq, out))),
-        )?;
-    }
-    pio.insert(
-        I8042_DATA_PORT.into(),
-        5,
-        Arc::new(Mutex::new(I8042::new(lifecycle.clone()))),
-    )?;
-    mmio.insert(
-        crate::arch::x86_64::layout::GUEST_STATUS_START,
-        0x1000,
-        Arc::new(Mutex::new(GuestStatus::new(lifecycle.clone()))),
-    )?;
-    let mut announced = Vec::new();
-    let mut kicks = Vec::new();
-    let mut transports = Vec::new();
-    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut platform = Platform::new(&machine.vm, &lifecycle, console, None)?;
+    // The kind names the device in the registry (`block0`, `rng0`, ...).
+    let mut virtio: Vec<(&str, Box<dyn VirtioDevice>)> = Vec::new();
     for disk in &config.disks {
-        virtio.push(Box::new(Block::new(Disk::open(
-            &disk.path,
-            disk.read_only,
-        )?)));
+        virtio.push((
+            "block",
+            Box::new(Block::new(Disk::open(&disk.path, disk.read_only)?)),
+        ));
     }
     if config.rng {
-        virtio.push(Box::new(Rng::new()));
+        virtio.push(("rng", Box::new(Rng::new())));
     }
     if let Some(vsock) = &config.vsock {
         let device = Vsock::new(vsock.cid, &vsock.uds).map_err(|source| BuildError::Open {
@@ -219,25 +171,25 @@ pub fn run_with_signals(
             path: vsock.uds.clone(),
             source,
         })?;
-        virtio.push(Box::new(device));
+        virtio.push(("vsock", Box::new(device)));
     }
     if let Some(net) = &config.net {
         let tap = Tap::open(&net.tap)?;
         let device = Net::new(tap, net.mac).map_err(BuildError::Event)?;
-        virtio.push(Box::new(device));
+        virtio.push(("net", Box::new(device)));
     }
-    for (index, device) in virtio.into_iter().enumerate() {
-        let (transport, window) =
-            add_virtio_device(&vm, &mem, &mut mmio, &mut kicks, index, device)?;
-        announced.push(window);
-        transports.push(transport);
+    for (kind, device) in virtio {
+        let id = platform.devices.next_id(kind);
+        platform.add_virtio(&machine.vm, &mem, id, |mem, interrupt| {
+            Ok::<_, BuildError>(MmioTransport::new(device, mem, interrupt))
+        })?;
     }
 
     // Boot structures.
     let line = cmdline::build(
         config.console != ConsoleConfig::Off,
         pvm_host,
-        &announced,
+        &platform.announced,
         config.cmdline.as_deref(),
     )?;
     tracing::debug!(cmdline = %line, "kernel command line");
@@ -252,103 +204,292 @@ pub fn run_with_signals(
     phase(started, "devices and boot structures ready");
 
     // vCPUs.
-    let supported = kvm
+    let supported = machine
+        .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("report CPUID"))?;
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(mmio);
-    let mut vcpus = Vec::with_capacity(config.cpus.into());
-    for id in 0..config.cpus {
-        let fd = vm
-            .create_vcpu(id.into())
-            .map_err(kvm_err("create a vCPU"))?;
-        let mut cpuid = supported.clone();
-        cpuid::configure(&mut cpuid, id, config.cpus, pvm_host);
-        fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
-        fd.set_msrs(&msr::boot_msrs())
-            .map_err(kvm_err("set MSRs"))?;
-        let mut lapic = fd.get_lapic().map_err(kvm_err("read the LAPIC"))?;
-        regs::wire_lint_pins(&mut lapic);
-        fd.set_lapic(&lapic).map_err(kvm_err("set the LAPIC"))?;
-        if id == 0 {
-            // Application processors wait for INIT/SIPI from the boot processor.
-            fd.set_fpu(&regs::entry_fpu())
-                .map_err(kvm_err("set FPU state"))?;
-            fd.set_regs(&regs::entry_regs(entry, start_info))
-                .map_err(kvm_err("set registers"))?;
-            let sregs = fd.get_sregs().map_err(kvm_err("read special registers"))?;
-            fd.set_sregs(&regs::entry_sregs(sregs))
-                .map_err(kvm_err("set special registers"))?;
-        }
-        vcpus.push(Vcpu {
-            fd,
-            id,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            lifecycle: lifecycle.clone(),
-        });
-    }
-
-    // Run.
-    let event_loop = EventLoop::new(kicks, transports).map_err(BuildError::Event)?;
-    if !event_loop.is_empty() {
-        spawn("cocoon-devices", move || event_loop.run())?;
-    }
-    for vcpu in vcpus {
-        spawn(&format!("cocoon-vcpu{}", vcpu.id), move || vcpu.run())?;
-    }
-    // Every sender lives in the Lifecycle we hold, so the channel cannot close while we wait.
-    let reason = ended.recv().unwrap_or(ExitReason::VcpuFailed {
-        vcpu: 0,
-        error: "no vCPU left".into(),
-    });
-    Ok(RunOutcome {
-        reason,
+    let fds = (0..config.cpus)
+        .map(|id| {
+            let fd = machine
+                .vm
+                .create_vcpu(id.into())
+                .map_err(kvm_err("create a vCPU"))?;
+            let mut cpuid = supported.clone();
+            cpuid::configure(&mut cpuid, id, config.cpus, pvm_host);
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+            fd.set_msrs(&msr::boot_msrs())
+                .map_err(kvm_err("set MSRs"))?;
+            let mut lapic = fd.get_lapic().map_err(kvm_err("read the LAPIC"))?;
+            regs::wire_lint_pins(&mut lapic);
+            fd.set_lapic(&lapic).map_err(kvm_err("set the LAPIC"))?;
+            if id == 0 {
+                // Application processors wait for INIT/SIPI from the boot processor.
+                fd.set_fpu(&regs::entry_fpu())
+                    .map_err(kvm_err("set FPU state"))?;
+                fd.set_regs(&regs::entry_regs(entry, start_info))
+                    .map_err(kvm_err("set registers"))?;
+                let sregs = fd.get_sregs().map_err(kvm_err("read special registers"))?;
+                fd.set_sregs(&regs::entry_sregs(sregs))
+                    .map_err(kvm_err("set special registers"))?;
+            }
+            Ok(fd)
+        })
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    let vm = platform.start(
+        machine,
+        mem,
+        fds,
         lifecycle,
-        guest_mappings,
-        guest_memory: mem,
-        vm,
-    })
+        ended,
+        Origin {
+            config: config.clone(),
+            boot_files,
+            memory_from_file: false,
+        },
+    )?;
+    phase(started, "vCPUs parked");
+    Ok(vm)
 }
 
-/// SIGTERM, SIGINT and SIGHUP end the run like any other reason (so the caller still cleans up
-/// its sockets and reports), instead of killing the process where it stands. They are blocked
-/// in every thread and taken by one thread with `sigwait`.
-fn watch_stop_signals(lifecycle: Arc<Lifecycle>) -> Result<(), BuildError> {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame; the calls only modify it and this
-    // thread's signal mask.
-    let rc = unsafe {
-        libc::sigemptyset(&mut set);
-        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, signal);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        return Err(BuildError::Event(std::io::Error::from_raw_os_error(rc)));
+/// Makes the VM a snapshot describes, paused: RAM mapped from its memory file (nothing read),
+/// devices with their saved state and fresh host sides (see `RestoreConfig` for what changes),
+/// vCPUs and interrupt controllers as they were. Nothing of the guest's boot runs again.
+pub fn restore(
+    restore: &RestoreConfig,
+    started: Instant,
+    started_wall: SystemTime,
+) -> Result<Vm, SnapshotError> {
+    let snapshot = snapshot::read_state(&restore.dir)?;
+    if let Some(expect) = &restore.expect {
+        snapshot::check_boot_files(&snapshot, expect)?;
     }
-    spawn("cocoon-signals", move || {
-        let mut signal: libc::c_int = 0;
-        // SAFETY: `set` was initialised above and moved into this thread; `signal` is ours.
-        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-            lifecycle.end(ExitReason::Signalled(signal));
-        }
-    })
+    let config = snapshot::restored_config(&snapshot, restore)?;
+    let (lifecycle, ended) = Lifecycle::new(started, started_wall);
+    let lifecycle = Arc::new(lifecycle);
+    snapshot.guest_status.apply(&lifecycle);
+
+    let mem = snapshot::memory::map(&restore.dir, &snapshot.memory)?;
+    let machine = Machine::create(&mem)?;
+    snapshot::machine::restore(&machine.vm, &snapshot.machine)?;
+    phase(started, "vm and memory ready");
+
+    // The guest has a UART exactly when the snapshot's did; where its output goes is ours.
+    let console = match (&snapshot.serial, open_console(&config.console)?) {
+        (Some(_), Some(out)) => Some(out),
+        (Some(_), None) => Some(Box::new(std::io::sink()) as Box<dyn Write + Send>),
+        (None, _) => None,
+    };
+    let mut platform = Platform::new(&machine.vm, &lifecycle, console, snapshot.serial.as_ref())?;
+    for (id, state) in &snapshot.devices {
+        platform.add_virtio(&machine.vm, &mem, id.clone(), |mem, interrupt| {
+            Ok::<_, SnapshotError>(MmioTransport::restore(
+                id,
+                state.clone(),
+                &restore.overrides,
+                mem,
+                interrupt,
+            )?)
+        })?;
+    }
+
+    let fds = snapshot
+        .vcpus
+        .iter()
+        .map(|state| {
+            let fd = machine
+                .vm
+                .create_vcpu(state.id.into())
+                .map_err(kvm_err("create a vCPU"))?;
+            crate::vcpu::persist::restore(&fd, state)?;
+            Ok(fd)
+        })
+        .collect::<Result<Vec<_>, SnapshotError>>()?;
+    // Only now that the interrupt controllers are back may devices raise interrupts.
+    for transport in &platform.transports {
+        lock(transport).after_restore();
+    }
+    if let Some(serial) = &platform.devices.serial {
+        lock(serial).after_restore();
+    }
+    phase(started, "devices and vCPUs restored");
+    let vm = platform.start(
+        machine,
+        mem,
+        fds,
+        lifecycle,
+        ended,
+        Origin {
+            config,
+            boot_files: snapshot.boot_files,
+            memory_from_file: true,
+        },
+    )?;
+    phase(started, "vCPUs parked");
+    Ok(vm)
+}
+
+/// KVM and the VM, with its in-kernel interrupt controllers and PIT, and `mem` as its RAM.
+pub(crate) struct Machine {
+    pub kvm: Kvm,
+    pub vm: VmFd,
+    pub guest_mappings: Vec<(usize, usize)>,
+    /// The MSRs KVM saves for a vCPU (for snapshots).
+    pub msr_indices: Vec<u32>,
+}
+
+impl Machine {
+    fn create(mem: &GuestMemoryMmap) -> Result<Machine, BuildError> {
+        let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        let guest_mappings = register_memory(&vm, mem)?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("set the TSS address"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map(|list| list.as_slice().to_vec())
+            .unwrap_or_default();
+        Ok(Machine {
+            kvm,
+            vm,
+            guest_mappings,
+            msr_indices,
+        })
+    }
+}
+
+/// Where a VM came from, which its snapshots record.
+pub(crate) struct Origin {
+    pub config: VmConfig,
+    pub boot_files: BootFiles,
+    /// RAM is a private mapping of a snapshot's memory file (a restored VM).
+    pub memory_from_file: bool,
+}
+
+/// The buses and devices, as they are being put together.
+struct Platform {
+    pio: Bus,
+    mmio: Bus,
+    devices: Devices,
+    kicks: Vec<QueueKick>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The virtio windows, for the kernel command line.
+    announced: Vec<MmioDevice>,
+}
+
+impl Platform {
+    /// The legacy devices: the UART (when there is a console), the i8042 reset line, the guest
+    /// status page.
+    fn new(
+        vm: &VmFd,
+        lifecycle: &Arc<Lifecycle>,
+        console: Option<Box<dyn Write + Send>>,
+        serial_state: Option<&SerialState>,
+    ) -> Result<Platform, BuildError> {
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let serial = match console {
+            Some(out) => {
+                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Event)?;
+                vm.register_irqfd(&irq, SERIAL_IRQ)
+                    .map_err(kvm_err("wire the serial IRQ"))?;
+                let serial = match serial_state {
+                    Some(state) => SerialConsole::restore(irq, out, state)?,
+                    None => SerialConsole::new(irq, out),
+                };
+                let serial = Arc::new(Mutex::new(serial));
+                pio.insert(SERIAL_PORT_BASE.into(), 8, serial.clone())?;
+                Some(serial)
+            }
+            None => None,
+        };
+        let i8042 = Arc::new(Mutex::new(I8042::new(lifecycle.clone())));
+        pio.insert(I8042_DATA_PORT.into(), 5, i8042.clone())?;
+        let guest_status = Arc::new(Mutex::new(GuestStatus::new(lifecycle.clone())));
+        mmio.insert(
+            crate::arch::x86_64::layout::GUEST_STATUS_START,
+            0x1000,
+            guest_status.clone(),
+        )?;
+        Ok(Platform {
+            pio,
+            mmio,
+            devices: Devices::new(serial, i8042, guest_status),
+            kicks: Vec::new(),
+            transports: Vec::new(),
+            announced: Vec::new(),
+        })
+    }
+
+    /// Adds the next virtio device (the next MMIO window and IRQ), as `make` builds its
+    /// transport given guest memory and its interrupt line.
+    fn add_virtio<E: From<BuildError>>(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        id: String,
+        make: impl FnOnce(GuestMemoryMmap, Arc<Interrupt>) -> Result<MmioTransport, E>,
+    ) -> Result<(), E> {
+        let index = self.transports.len();
+        let (transport, window) =
+            add_virtio_device(vm, mem, &mut self.mmio, &mut self.kicks, index, make)?;
+        self.announced.push(window);
+        self.devices.add_virtio(id, transport.clone());
+        self.transports.push(transport);
+        Ok(())
+    }
+
+    /// Hands everything to the VM handle, which starts the threads with the vCPUs parked.
+    fn start(
+        self,
+        machine: Machine,
+        memory: GuestMemoryMmap,
+        fds: Vec<kvm_ioctls::VcpuFd>,
+        lifecycle: Arc<Lifecycle>,
+        ended: std::sync::mpsc::Receiver<crate::lifecycle::ExitReason>,
+        origin: Origin,
+    ) -> Result<Vm, BuildError> {
+        let pio = Arc::new(self.pio);
+        let mmio = Arc::new(self.mmio);
+        let vcpus = fds
+            .into_iter()
+            .enumerate()
+            .map(|(id, fd)| Vcpu {
+                fd,
+                id: id as u8,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                lifecycle: lifecycle.clone(),
+            })
+            .collect();
+        let device_stop = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Event)?;
+        let stop = device_stop.try_clone().map_err(BuildError::Event)?;
+        let event_loop = EventLoop::new(self.kicks, self.transports, stop).map_err(BuildError::Event)?;
+        Vm::start(Parts {
+            vm: machine.vm,
+            memory,
+            guest_mappings: machine.guest_mappings,
+            msr_indices: machine.msr_indices,
+            lifecycle,
+            ended,
+            vcpus,
+            event_loop,
+            device_stop,
+            devices: self.devices,
+            origin,
+        })
+    }
 }
 
 /// Boot-path timing, for `--log-level debug`.
 fn phase(started: Instant, what: &str) {
     tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "{what}");
-}
-
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), BuildError> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .map(drop)
-        .map_err(BuildError::Thread)
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<(usize, usize)>, BuildError> {
@@ -363,7 +504,8 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<(usize, usize
             flags: 0,
         };
         // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by `mem`,
-        // which the caller keeps alive for as long as the VM runs (the process lifetime).
+        // which the VM handle keeps until every vCPU thread has been joined and the VM fd is
+        // closed.
         unsafe { vm.set_user_memory_region(desc) }.map_err(kvm_err("map guest memory"))?;
         mappings.push((host, region.len() as usize));
     }
@@ -438,20 +580,20 @@ fn open_console(console: &ConsoleConfig) -> Result<Option<Box<dyn Write + Send>>
 }
 
 /// Puts a virtio device on the MMIO bus with its IRQ and one ioeventfd per queue.
-fn add_virtio_device(
+fn add_virtio_device<E: From<BuildError>>(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     kicks: &mut Vec<QueueKick>,
     index: usize,
-    device: Box<dyn VirtioDevice>,
-) -> Result<(Arc<Mutex<MmioTransport>>, MmioDevice), BuildError> {
+    make: impl FnOnce(GuestMemoryMmap, Arc<Interrupt>) -> Result<MmioTransport, E>,
+) -> Result<(Arc<Mutex<MmioTransport>>, MmioDevice), E> {
     let base = virtio_mmio_base(index);
     let irq = virtio_irq(index);
     let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Event)?;
     vm.register_irqfd(&irqfd, irq)
         .map_err(kvm_err("wire a virtio IRQ"))?;
-    let transport = MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irqfd)));
+    let transport = make(mem.clone(), Arc::new(Interrupt::new(irqfd)))?;
     let queues = transport.queue_count();
     let transport = Arc::new(Mutex::new(transport));
     for queue in 0..queues {
@@ -472,7 +614,8 @@ fn add_virtio_device(
         }
     }
     let bus_device: Arc<Mutex<dyn BusDevice>> = transport.clone();
-    mmio.insert(base, VIRTIO_MMIO_SIZE, bus_device)?;
+    mmio.insert(base, VIRTIO_MMIO_SIZE, bus_device)
+        .map_err(BuildError::from)?;
     let window = MmioDevice {
         base,
         size: VIRTIO_MMIO_SIZE,

@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use serde::{Deserialize, Serialize};
+
 use crate::arch::x86_64::mptable::MAX_CPUS;
 
 /// Smallest guest: the kernel loads at 16 MiB and needs room to unpack the initramfs.
@@ -13,7 +15,7 @@ pub const MAX_MEMORY_MIB: u64 = 256 * 1024;
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
 pub const DEFAULT_CPUS: u8 = 1;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -43,7 +45,7 @@ impl FromStr for DiskConfig {
 }
 
 /// `--vsock CID,PATH`: the guest's context id and the host-side Unix socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
     pub cid: u64,
     pub uds: PathBuf,
@@ -77,7 +79,7 @@ impl FromStr for VsockConfig {
 }
 
 /// `--net TAP[,MAC]`: the host TAP device and the MAC the guest sees.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
@@ -123,7 +125,7 @@ fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConsoleConfig {
     Stdout,
     Off,
@@ -153,7 +155,7 @@ impl fmt::Display for ConsoleConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,

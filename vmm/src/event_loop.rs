@@ -21,18 +21,24 @@ pub struct QueueKick {
 enum Source {
     Kick(QueueKick),
     Host(Arc<Mutex<MmioTransport>>),
+    /// Written by the VM handle when the VM has ended.
+    Stop,
 }
 
 pub struct EventLoop {
     epoll: Epoll,
     sources: Vec<Source>,
+    /// Kept open for as long as epoll watches it.
+    _stop: EventFd,
 }
 
 impl EventLoop {
-    /// Watches `kicks`, and the host-side fd of every transport in `hosts` that has one.
+    /// Watches `kicks`, and the host-side fd of every transport in `hosts` that has one, until
+    /// `stop` is written.
     pub fn new(
         kicks: Vec<QueueKick>,
         hosts: Vec<Arc<Mutex<MmioTransport>>>,
+        stop: EventFd,
     ) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
         let mut sources: Vec<(RawFd, Source)> = kicks
@@ -45,6 +51,7 @@ impl EventLoop {
                 sources.push((fd, Source::Host(transport)));
             }
         }
+        sources.push((stop.as_raw_fd(), Source::Stop));
         for (i, (fd, _)) in sources.iter().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
@@ -55,14 +62,16 @@ impl EventLoop {
         Ok(EventLoop {
             epoll,
             sources: sources.into_iter().map(|(_, s)| s).collect(),
+            _stop: stop,
         })
     }
 
+    /// Whether there is nothing to serve but the stop (no thread is needed then).
     pub fn is_empty(&self) -> bool {
-        self.sources.is_empty()
+        self.sources.len() <= 1
     }
 
-    /// Serves events until the process ends.
+    /// Serves events until stopped.
     pub fn run(self) {
         let mut events = vec![EpollEvent::default(); self.sources.len().max(1)];
         loop {
@@ -82,6 +91,7 @@ impl EventLoop {
                         lock(&kick.transport).notify(kick.queue);
                     }
                     Some(Source::Host(transport)) => lock(transport).host_event(),
+                    Some(Source::Stop) => return,
                     None => {}
                 }
             }

@@ -1,7 +1,9 @@
 //! cocoon-vmm: a minimal KVM virtual machine monitor for one container's microVM.
 //!
-//! `builder::run` reads top to bottom as the boot flow; see docs/architecture.md.
+//! `builder::build` reads top to bottom as the boot flow and hands a paused [`vm::Vm`] to its
+//! caller; see docs/architecture.md.
 
+pub mod api;
 pub mod arch;
 pub mod boot_image;
 pub mod builder;
@@ -13,4 +15,6 @@ pub mod event_loop;
 pub mod host;
 pub mod lifecycle;
 pub mod metrics;
+pub mod snapshot;
 pub mod vcpu;
+pub mod vm;

@@ -27,21 +27,24 @@ pub enum ExitReason {
     EntryFailure { reason: u64, cpu: u32 },
     /// `KVM_RUN` itself failed.
     VcpuFailed { vcpu: u8, error: String },
-    /// The VMM was asked to stop (SIGTERM, SIGINT, SIGHUP): the VM is killed, not shut down.
-    Signalled(i32),
+    /// The host stopped the VM (`Vm::stop`): killed, not shut down. Why the host did (a
+    /// signal to the VMM binary, a runtime's kill) is the host's to say.
+    Stopped,
 }
 
 /// Exit status of the VMM when the guest powered off cleanly.
 pub const EXIT_OK: i32 = 0;
 /// Exit status when the guest crashed or KVM stopped it.
 pub const EXIT_GUEST_FAILED: i32 = 3;
+/// Exit status when the host stopped the VM for a reason of its own (a binary stopped by a
+/// signal exits 128 + the signal instead, as a shell reports it).
+pub const EXIT_STOPPED: i32 = 4;
 
 impl ExitReason {
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::PoweredOff => EXIT_OK,
-            // As a shell reports a process killed by a signal.
-            ExitReason::Signalled(signal) => 128 + signal,
+            ExitReason::Stopped => EXIT_STOPPED,
             _ => EXIT_GUEST_FAILED,
         }
     }
@@ -56,7 +59,7 @@ impl ExitReason {
             ExitReason::InternalError { .. } => "internal_error",
             ExitReason::EntryFailure { .. } => "entry_failure",
             ExitReason::VcpuFailed { .. } => "vcpu_failed",
-            ExitReason::Signalled(_) => "signalled",
+            ExitReason::Stopped => "stopped",
         }
     }
 }
@@ -96,7 +99,7 @@ impl fmt::Display for ExitReason {
                 )
             }
             ExitReason::VcpuFailed { vcpu, error } => write!(f, "vCPU {vcpu} failed: {error}"),
-            ExitReason::Signalled(signal) => write!(f, "stopped by signal {signal}, guest killed"),
+            ExitReason::Stopped => write!(f, "stopped by the host, guest killed"),
         }
     }
 }
@@ -187,6 +190,11 @@ impl Lifecycle {
     /// The agent's notice that a clean shutdown follows.
     pub fn announce_shutdown(&self) {
         self.shutdown_announced.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the agent has announced a clean shutdown (kept by snapshots).
+    pub fn shutdown_announced(&self) -> bool {
+        self.shutdown_announced.load(Ordering::SeqCst)
     }
 
     /// The machine asked to be reset (i8042 0xFE or a KVM reset event).

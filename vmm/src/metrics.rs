@@ -46,8 +46,14 @@ fn micros(d: Option<Duration>) -> String {
 
 /// The metrics as one JSON object.
 pub fn to_json(lifecycle: &Lifecycle, reason: &ExitReason, rss_kib: Option<u64>) -> String {
+    to_json_named(lifecycle, reason.name(), rss_kib)
+}
+
+/// [`to_json`] with the exit reason's name given by the caller, which may know more than the
+/// VM did (the VMM binary reports a stop it made on a signal as `signalled`).
+pub fn to_json_named(lifecycle: &Lifecycle, exit_reason: &str, rss_kib: Option<u64>) -> String {
     let mut s = String::from("{");
-    let _ = write!(s, "\"exit_reason\":\"{}\",", reason.name());
+    let _ = write!(s, "\"exit_reason\":\"{exit_reason}\",");
     let _ = write!(s, "\"first_kvm_run_us\":{},", micros(lifecycle.first_run()));
     let _ = write!(s, "\"agent_up_us\":{},", micros(lifecycle.agent_up()));
     let wall = |d: Option<Duration>| d.map_or("null".into(), |d| lifecycle.wall_ns(d).to_string());

@@ -4,9 +4,11 @@
 pub mod boot_check;
 pub mod client;
 pub mod frame;
-pub mod guest_status;
 pub mod message;
 pub mod spec;
+
+/// The guest status page lives with the VMM, which must not depend on this crate.
+pub use cocoon_vmm_abi::guest_status;
 
 /// Copies `from` to `to` until EOF or an error, for the stdio relays on both sides.
 ///

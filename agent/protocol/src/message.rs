@@ -4,7 +4,9 @@
 //! agent answers with a [`ReplyEnvelope`] carrying the same id. Requests that block (waiting for
 //! an exit) are sent on a connection of their own.
 
-use oci_spec::runtime::{Process, Spec};
+use std::collections::BTreeMap;
+
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change the other side could misread. The agent refuses other versions with
@@ -66,6 +68,12 @@ pub enum Request {
     State { container_id: String },
     /// cgroup figures of a container.
     Stats { container_id: String },
+    /// Writes new limits (an OCI `linux.resources`) to a container's cgroup (runc's `update`).
+    /// Only what is given changes; zero means unchanged, as with runc.
+    UpdateResources {
+        container_id: String,
+        resources: Box<LinuxResources>,
+    },
     /// Guest pids of a container's processes.
     ListProcesses { container_id: String },
     /// Kills whatever is left of a container and removes its mounts, cgroup and state.
@@ -184,6 +192,8 @@ pub struct ContainerState {
     pub exit: Option<ExitStatus>,
 }
 
+/// A container's cgroup figures. `None` limits are `max` (unlimited). The fields after
+/// `pids_max` came later: they default, so either side may be older.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerStats {
     pub memory_current: u64,
@@ -192,6 +202,28 @@ pub struct ContainerStats {
     pub cpu_usage_usec: u64,
     pub pids_current: u64,
     pub pids_max: Option<u64>,
+    /// cpu.stat `user_usec`.
+    #[serde(default)]
+    pub cpu_user_usec: u64,
+    /// cpu.stat `system_usec`.
+    #[serde(default)]
+    pub cpu_system_usec: u64,
+    /// cpu.stat `nr_periods`, `nr_throttled`, `throttled_usec` (nonzero only under a quota).
+    #[serde(default)]
+    pub cpu_nr_periods: u64,
+    #[serde(default)]
+    pub cpu_nr_throttled: u64,
+    #[serde(default)]
+    pub cpu_throttled_usec: u64,
+    /// memory.peak, the highest memory.current seen.
+    #[serde(default)]
+    pub memory_peak: Option<u64>,
+    /// memory.events `max`: how often usage hit memory.max (runc's failcnt).
+    #[serde(default)]
+    pub memory_max_events: u64,
+    /// memory.stat, key by key.
+    #[serde(default)]
+    pub memory_stat: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,5 +344,30 @@ mod tests {
         .unwrap();
         assert_eq!(json["request"]["method"], "start_container");
         assert_eq!(json["request"]["params"]["container_id"], "c1");
+    }
+
+    #[test]
+    fn update_carries_the_oci_resources() {
+        let json = r#"{"method":"update_resources","params":{"container_id":"c1",
+            "resources":{"memory":{"limit":67108864},"pids":{"limit":50}}}}"#;
+        let Request::UpdateResources {
+            container_id,
+            resources,
+        } = serde_json::from_str(json).unwrap()
+        else {
+            panic!("not an update");
+        };
+        assert_eq!(container_id, "c1");
+        assert_eq!(resources.memory().unwrap().limit(), Some(64 << 20));
+        assert_eq!(resources.pids().unwrap().limit(), 50);
+    }
+
+    #[test]
+    fn stats_from_an_older_agent_still_decode() {
+        let old = r#"{"memory_current":1,"memory_max":null,"oom_kills":0,"cpu_usage_usec":2,
+            "pids_current":1,"pids_max":10}"#;
+        let stats: ContainerStats = serde_json::from_str(old).unwrap();
+        assert_eq!((stats.cpu_usage_usec, stats.pids_max), (2, Some(10)));
+        assert!(stats.memory_stat.is_empty());
     }
 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
 use cocoon_agent_protocol::message::{
     AgentError, ContainerState, ContainerStats, ContainerStatus, CreateContainer, ErrorKind,
@@ -516,7 +516,30 @@ impl Containers {
     }
 
     pub fn stats(&self, id: &str) -> Result<ContainerStats, AgentError> {
-        Ok(self.get(id)?.cgroup.stats())
+        Ok(self.get(id)?.cgroup.stats(&LinuxSyscall))
+    }
+
+    /// New limits for a created or running container's cgroup.
+    pub fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), AgentError> {
+        let container = self.get(id)?;
+        if container.status() == ContainerStatus::Stopped {
+            return Err(error(
+                ErrorKind::InvalidState,
+                format!("container {id} is not running"),
+            ));
+        }
+        container
+            .cgroup
+            .update(&LinuxSyscall, resources)
+            .map_err(|e| {
+                // The kernel's EINVAL/ERANGE is a value out of its range (a CPU period
+                // under 1 ms, say): the caller's mistake, not the guest's failure.
+                let kind = match e.errno.0 {
+                    libc::EINVAL | libc::ERANGE => ErrorKind::InvalidArgument,
+                    _ => ErrorKind::Failed,
+                };
+                error(kind, e.to_string())
+            })
     }
 
     pub fn processes(&self, id: &str) -> Result<Vec<i32>, AgentError> {

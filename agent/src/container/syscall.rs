@@ -78,6 +78,8 @@ pub trait Syscall {
     fn file_kind(&self, path: &Path) -> SysResult<Option<FileKind>>;
     fn read_link(&self, path: &Path) -> SysResult<PathBuf>;
     fn write_file(&self, path: &Path, contents: &[u8]) -> SysResult;
+    /// A small text file (cgroup and /proc files).
+    fn read_file(&self, path: &Path) -> SysResult<String>;
     fn rmdir(&self, path: &Path) -> SysResult;
     /// The per-mount flags (MS_RDONLY, MS_NOSUID, ...) of the mount holding `path`, so a
     /// remount can keep the ones it does not mean to change.
@@ -237,6 +239,10 @@ impl Syscall for LinuxSyscall {
         let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
         file.write_all(contents)?;
         Ok(())
+    }
+
+    fn read_file(&self, path: &Path) -> SysResult<String> {
+        Ok(std::fs::read_to_string(path)?)
     }
 
     fn rmdir(&self, path: &Path) -> SysResult {
@@ -414,6 +420,8 @@ pub mod recorder {
         pub links: BTreeMap<PathBuf, PathBuf>,
         /// Calls (by their first word and path) that fail with EPERM.
         pub failing: BTreeSet<String>,
+        /// What `read_file` returns; other paths are missing. Reads are not recorded.
+        pub contents: BTreeMap<PathBuf, String>,
         /// The credentials the calls change, checked the way the kernel checks them, so a
         /// privilege drop in the wrong order fails here as it would in a guest.
         pub creds: RefCell<Creds>,
@@ -605,6 +613,9 @@ pub mod recorder {
                 path.display(),
                 String::from_utf8_lossy(contents)
             ))
+        }
+        fn read_file(&self, path: &Path) -> SysResult<String> {
+            self.contents.get(path).cloned().ok_or(Errno(libc::ENOENT))
         }
         fn rmdir(&self, path: &Path) -> SysResult {
             self.record(format!("rmdir {}", path.display()))

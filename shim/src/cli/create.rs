@@ -8,103 +8,24 @@ use std::process::Command;
 
 use oci_spec::runtime::ContainerState;
 
+use cocoon_runtime::bundle::Bundle;
+pub use cocoon_runtime::launch::record;
+use cocoon_runtime::launch::{self, CreateRequest};
+
 use super::{CreateArgs, Global};
-use crate::bundle::{Bundle, vm_size};
-use crate::config::Config;
 use crate::error::CliError;
 use crate::hooks::{self, Stage};
-use crate::images;
-use crate::monitor::container::{LAUNCH_FILE, Launch};
 use crate::monitor::{REPORT_FD, read_report};
-use crate::state::{ContainerDir, Record, process_start_time, rfc3339, write_atomically};
+use crate::state::{ContainerDir, Record, write_atomically};
 
-/// Everything before the monitor starts: bundle checked, directory made, images built,
-/// `launch.json` written. On error nothing is left behind.
+/// Everything before the monitor starts (see `launch::prepare`).
 pub fn prepare(global: &Global, args: &CreateArgs) -> Result<(ContainerDir, Bundle), CliError> {
-    let config = Config::load()?;
-    let bundle = Bundle::load(&args.bundle)?;
-    bundle.require_process()?;
-    hooks::check(bundle.spec.hooks().as_ref()).map_err(|e| CliError::Other(e.to_string()))?;
-    if bundle.terminal() && args.console_socket.is_none() {
-        return Err(CliError::Other(
-            "the process has a terminal: --console-socket is required".into(),
-        ));
-    }
-    let dir = ContainerDir::create(&global.root, &args.id)?;
-    crate::logging::phase("bundle checked");
-    match write_launch(&dir, &bundle, &config, args) {
-        Ok(()) => {
-            crate::logging::phase("images ready");
-            Ok((dir, bundle))
-        }
-        Err(e) => {
-            let _ = dir.remove();
-            Err(e)
-        }
-    }
-}
-
-fn write_launch(
-    dir: &ContainerDir,
-    bundle: &Bundle,
-    config: &Config,
-    args: &CreateArgs,
-) -> Result<(), CliError> {
-    let layers = images::images_for(&bundle.rootfs, &config.layer_cache, &dir.path)?;
-    if layers.len() > 20 {
-        return Err(CliError::Other(format!(
-            "{} image layers: cocoon supports up to 20",
-            layers.len()
-        )));
-    }
-    let mut spec = bundle.spec.clone();
-    let staging = dir.file("host");
-    let host_files = if crate::host_files::stage(&mut spec, &dir.id, &staging)? {
-        let image = dir.file("host.erofs");
-        images::build_image(&staging, &image)?;
-        let _ = std::fs::remove_dir_all(&staging);
-        Some(image)
-    } else {
-        None
-    };
-    let (cpus, memory_mib) = vm_size(&bundle.spec, config);
-    let console_socket = args
-        .console_socket
-        .as_ref()
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
-    let launch = Launch {
-        spec,
-        images: layers.into_iter().map(|l| l.image).collect(),
-        host_files,
-        console_socket,
-        cpus,
-        memory_mib,
-        kernel: config.kernel.clone(),
-        initrd: config.initrd.clone(),
-        boot_timeout_secs: config.boot_timeout_secs,
-    };
-    let json = serde_json::to_vec(&launch).map_err(|e| CliError::Other(e.to_string()))?;
-    write_atomically(&dir.file(LAUNCH_FILE), &json)
-}
-
-pub fn record(dir: &ContainerDir, bundle: &Bundle, pid: i32, started: bool) -> Record {
-    Record {
-        id: dir.id.clone(),
-        bundle: bundle.path.clone(),
-        rootfs: bundle.rootfs.clone(),
-        pid,
-        pid_start_time: process_start_time(pid).unwrap_or(0),
-        created: rfc3339(std::time::SystemTime::now()),
-        started,
-        annotations: bundle
-            .spec
-            .annotations()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
-        hooks: bundle.spec.hooks().clone(),
-    }
+    launch::prepare(&CreateRequest {
+        root: &global.root,
+        id: &args.id,
+        bundle: &args.bundle,
+        console_socket: args.console_socket.as_deref(),
+    })
 }
 
 pub fn write_pid_file(path: Option<&std::path::Path>, pid: i32) -> Result<(), CliError> {
@@ -172,9 +93,9 @@ pub fn spawn_monitor(global: &Global, verb_args: &[&str]) -> Result<i32, CliErro
     let pid = child.id() as i32;
     match read_report(report_read) {
         Ok(()) => Ok(pid),
-        Err(message) => {
+        Err(e) => {
             stop_monitor(pid);
-            Err(CliError::Other(message))
+            Err(e)
         }
     }
 }
@@ -193,8 +114,7 @@ pub fn stop_monitor(pid: i32) {
 /// released meanwhile so the hooks may use the other verbs on the container.
 pub fn run_create_hooks(dir: &ContainerDir, record: &Record) -> Result<(), CliError> {
     let state = record.oci_state(ContainerState::Creating);
-    dir.unlocked(|| hooks::run(record.hooks.as_ref(), &hooks::CREATE, &state))?
-        .map_err(|e| CliError::Other(e.to_string()))
+    Ok(dir.unlocked(|| hooks::run(record.hooks.as_ref(), &hooks::CREATE, &state))??)
 }
 
 /// The poststop hooks, once the container and its state are gone: after `delete`, and after a

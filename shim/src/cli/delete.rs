@@ -21,7 +21,7 @@ pub fn delete(global: &Global, id: &str, force: bool) -> Result<(), CliError> {
     };
     let record = dir.read()?;
     let current = status(&dir.path, &record);
-    if current == Status::Running && !force {
+    if matches!(current, Status::Running | Status::Paused) && !force {
         return Err(CliError::NotStopped(id.into(), current.name()));
     }
     if monitor_alive(&record) {

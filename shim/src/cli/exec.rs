@@ -4,12 +4,12 @@
 
 use std::path::Path;
 
+use cocoon_runtime::launch::Launch;
 use oci_spec::runtime::{Capability, Process};
 
 use super::{ExecArgs, Global};
 use crate::cli::create::{spawn_monitor, write_pid_file};
 use crate::error::CliError;
-use crate::monitor::container::read_launch;
 use crate::monitor::exec::{ExecLaunch, launch_file, run};
 use crate::state::{ContainerDir, Status, status, write_atomically};
 
@@ -32,7 +32,7 @@ fn process(args: &ExecArgs, dir: &Path) -> Result<Process, CliError> {
     if args.command.is_empty() {
         return Err(CliError::Other("exec needs a command or --process".into()));
     }
-    let launch = read_launch(dir).map_err(CliError::Other)?;
+    let launch = Launch::read(dir)?;
     let mut process = launch.spec.process().clone().unwrap_or_default();
     process.set_args(Some(args.command.clone()));
     process.set_terminal(Some(args.tty));

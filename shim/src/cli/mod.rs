@@ -3,15 +3,18 @@
 pub mod check;
 pub mod create;
 pub mod delete;
+pub mod events;
 pub mod exec;
 pub mod features;
 pub mod kill;
 pub mod list;
+pub mod pause;
 pub mod ps;
 pub mod run;
 pub mod spec;
 pub mod start;
 pub mod state;
+pub mod update;
 
 use std::path::PathBuf;
 
@@ -172,8 +175,16 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Suspend every process of the container: the microVM's vCPUs stop.
+    Pause { id: String },
+    /// Let a paused container go on.
+    Resume { id: String },
     /// Run a further process in a running container.
     Exec(Box<ExecArgs>),
+    /// Change the resource limits of a container.
+    Update(update::UpdateArgs),
+    /// Print the container's stats as JSON events (once with --stats).
+    Events(events::EventsArgs),
     /// List the processes of a container (guest pids).
     Ps {
         #[arg(short, long, default_value = "table", value_name = "table|json")]

@@ -1,6 +1,6 @@
 //! `cocoon ps`: the container's processes, as guest pids (they live in the VM's kernel).
 
-use cocoon_agent_protocol::client::AgentClient;
+use cocoon_runtime::Container;
 
 use super::Global;
 use crate::error::CliError;
@@ -9,10 +9,13 @@ use crate::state::{ContainerDir, Status, VSOCK_SOCKET, status};
 pub fn ps(global: &Global, id: &str, format: &str) -> Result<(), CliError> {
     let dir = ContainerDir::open(&global.root, id)?;
     let record = dir.read()?;
-    if status(&dir.path, &record) == Status::Stopped {
-        return Err(CliError::Other("container not running".into()));
+    match status(&dir.path, &record) {
+        Status::Stopped => return Err(CliError::NotRunning),
+        // The agent answers only while the vCPUs run.
+        Status::Paused => return Err(CliError::Paused(id.into())),
+        Status::Created | Status::Running => {}
     }
-    let pids = AgentClient::connect(&dir.file(VSOCK_SOCKET))?.list_processes(id)?;
+    let pids = Container::new(&dir.file(VSOCK_SOCKET), id).processes()?;
     match format {
         "json" => println!("{}", serde_json::to_string(&pids).unwrap_or_default()),
         "table" => {

@@ -1,6 +1,6 @@
 //! `cocoon start`: let a created container's process exec, then run the poststart hooks.
 
-use cocoon_agent_protocol::client::AgentClient;
+use cocoon_runtime::Container;
 
 use super::Global;
 use crate::error::CliError;
@@ -20,7 +20,7 @@ pub fn start(global: &Global, id: &str) -> Result<(), CliError> {
             });
         }
     }
-    AgentClient::connect(&dir.file(VSOCK_SOCKET))?.start_container(id)?;
+    Container::new(&dir.file(VSOCK_SOCKET), id).start()?;
     record.started = true;
     dir.write(&record)?;
     // The state as it is now: a process that exits at once is already stopped. Unlocked, so a

@@ -8,10 +8,12 @@ use oci_spec::runtime::Process;
 use serde::{Deserialize, Serialize};
 
 use cocoon_agent_protocol::message::ExecProcess;
+use cocoon_runtime::Container;
 
-use super::stdio::Stdio;
-use super::{Target, block_forwarded_signals, exit_like, report, wait_and_forward};
+use super::{Direct, Target, block_forwarded_signals, exit_like, report, wait_and_forward};
+use crate::error::CliError;
 use crate::state::VSOCK_SOCKET;
+use crate::stdio::Stdio;
 
 /// What `exec` hands a detached exec monitor (in the container's directory).
 #[derive(Debug, Serialize, Deserialize)]
@@ -30,45 +32,37 @@ pub fn run(dir: &Path, id: &str, launch: ExecLaunch, report_to: Option<File>) ->
     let set = block_forwarded_signals();
     let mut report_to = report_to;
     let target = Target {
-        uds: dir.join(VSOCK_SOCKET),
-        id: id.to_owned(),
+        container: Container::new(&dir.join(VSOCK_SOCKET), id),
         exec_id: Some(launch.exec_id.clone()),
     };
-    let result = start(&target, &launch);
+    let result = start(&target.container, &launch);
     let _ = std::fs::remove_file(launch_file(dir, &launch.exec_id));
-    report(
-        &mut report_to,
-        &result.as_ref().map(|_| ()).map_err(Clone::clone),
-        || {},
-    );
+    report(&mut report_to, &result, || {});
     let Ok(stdio) = result else {
         std::process::exit(1);
     };
-    let status = wait_and_forward(target, stdio, None, set);
+    let status = wait_and_forward(target, stdio, None, Direct, set);
     exit_like(status)
 }
 
-fn start(target: &Target, launch: &ExecLaunch) -> Result<Stdio, String> {
+fn start(container: &Container, launch: &ExecLaunch) -> Result<Stdio, CliError> {
     let terminal = launch.process.terminal() == Some(true);
     let exec_id = launch.exec_id.as_str();
     let stdio = Stdio::attach(
-        &target.uds,
-        &target.id,
+        container.vsock_socket(),
+        container.id(),
         Some(exec_id),
         terminal,
         launch.console_socket.as_deref(),
     )?;
-    let mut client = target.client()?;
-    client
-        .exec_process(ExecProcess {
-            container_id: target.id.clone(),
-            exec_id: exec_id.to_owned(),
-            process: Box::new(launch.process.clone()),
-            stdio: stdio.config,
-        })
-        .map_err(|e| e.to_string())?;
+    container.exec(ExecProcess {
+        container_id: container.id().to_owned(),
+        exec_id: exec_id.to_owned(),
+        process: Box::new(launch.process.clone()),
+        stdio: stdio.config,
+    })?;
     if let Some((rows, cols)) = stdio.window_size() {
-        let _ = client.resize_terminal(&target.id, Some(exec_id), rows, cols);
+        let _ = container.resize_terminal(Some(exec_id), rows, cols);
     }
     Ok(stdio)
 }

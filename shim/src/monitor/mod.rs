@@ -7,22 +7,22 @@
 
 pub mod container;
 pub mod exec;
-pub mod stdio;
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use cocoon_agent_protocol::client::AgentClient;
 use cocoon_agent_protocol::message::ExitStatus;
+use cocoon_runtime::{Container, Sandbox};
 
 use crate::console;
-use stdio::Stdio;
+use crate::error::CliError;
+use crate::stdio::Stdio;
 
 /// The fd on which a monitor started by `create` or `exec --detach` reports back.
 pub const REPORT_FD: RawFd = 3;
@@ -69,66 +69,75 @@ fn block_forwarded_signals() -> libc::sigset_t {
 
 /// Tells the verb that started us how it went. Without a report fd (the verb runs the monitor
 /// in its own process), failure is printed and `cleanup` runs.
-fn report(report: &mut Option<File>, result: &Result<(), String>, cleanup: impl FnOnce()) {
+fn report<T>(report: &mut Option<File>, result: &Result<T, CliError>, cleanup: impl FnOnce()) {
     match (report.take(), result) {
-        (Some(mut file), Ok(())) => {
+        (Some(mut file), Ok(_)) => {
             let _ = writeln!(
                 file,
                 "{}",
                 serde_json::to_string(&Report::Created).unwrap_or_default()
             );
         }
-        (Some(mut file), Err(message)) => {
+        (Some(mut file), Err(e)) => {
             let _ = writeln!(
                 file,
                 "{}",
-                serde_json::to_string(&Report::Failed(message.clone())).unwrap_or_default()
+                serde_json::to_string(&Report::Failed(e.to_string())).unwrap_or_default()
             );
         }
-        (None, Err(message)) => {
-            tracing::error!("{message}");
+        (None, Err(e)) => {
+            tracing::error!("{e}");
             cleanup();
         }
-        (None, Ok(())) => {}
+        (None, Ok(_)) => {}
     }
 }
 
 /// The process a monitor stands for: the container's init (`exec_id` None) or an exec.
 pub struct Target {
-    pub uds: PathBuf,
-    pub id: String,
+    pub container: Container,
     pub exec_id: Option<String>,
 }
 
-impl Target {
-    fn client(&self) -> Result<AgentClient, String> {
-        AgentClient::connect(&self.uds).map_err(|e| e.to_string())
+/// Where the signals a monitor receives go. The container's monitor routes them through its
+/// sandbox, which holds them while the VM is paused; an exec monitor sends them straight on.
+pub trait SignalSink: Send + 'static {
+    fn signal(&self, target: &Target, signal: i32);
+}
+
+/// Sends signals to the agent as they come.
+pub struct Direct;
+
+impl SignalSink for Direct {
+    fn signal(&self, target: &Target, signal: i32) {
+        if let Err(e) = target
+            .container
+            .signal(target.exec_id.as_deref(), signal, false)
+        {
+            tracing::warn!("cannot pass signal {signal} to the container: {e}");
+        }
     }
 }
 
-/// Forwards signals until the process exits (or the VM ends: `vm_ended`), and returns its
+/// Forwards signals until the process exits (or the VM ends: `sandbox`), and returns its
 /// status once its output has arrived.
 fn wait_and_forward(
     target: Target,
     stdio: Stdio,
-    vm_ended: Option<&mpsc::Receiver<String>>,
+    sandbox: Option<&Sandbox>,
+    sink: impl SignalSink,
     set: libc::sigset_t,
 ) -> ExitStatus {
     let (tx, rx) = mpsc::channel();
-    let (uds, id, exec_id) = (
-        target.uds.clone(),
-        target.id.clone(),
-        target.exec_id.clone(),
-    );
+    let (container, exec_id) = (target.container.clone(), target.exec_id.clone());
     std::thread::spawn(move || {
-        let status = AgentClient::connect(&uds).and_then(|mut c| c.wait(&id, exec_id.as_deref()));
-        let _ = tx.send(status.map_err(|e| e.to_string()));
+        let _ = tx.send(container.wait(exec_id.as_deref()));
     });
     let slave = stdio
         .pty_slave
         .as_ref()
         .map(std::os::fd::AsRawFd::as_raw_fd);
-    std::thread::spawn(move || forward_signals(&target, slave, set));
+    std::thread::spawn(move || forward_signals(&target, slave, sink, set));
     let killed = ExitStatus {
         code: None,
         signal: Some(libc::SIGKILL),
@@ -141,7 +150,7 @@ fn wait_and_forward(
                 killed
             });
         }
-        if let Some(Ok(reason)) = vm_ended.map(|rx| rx.try_recv()) {
+        if let Some(reason) = sandbox.and_then(Sandbox::ended) {
             tracing::error!("the microVM ended before the container: {reason}");
             break killed;
         }
@@ -150,27 +159,29 @@ fn wait_and_forward(
     status
 }
 
-fn forward_signals(target: &Target, pty_slave: Option<RawFd>, set: libc::sigset_t) {
+fn forward_signals(
+    target: &Target,
+    pty_slave: Option<RawFd>,
+    sink: impl SignalSink,
+    set: libc::sigset_t,
+) {
     loop {
         let mut signal = 0;
         // SAFETY: set is initialised and blocked in every thread.
         if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
             continue;
         }
-        let Ok(mut client) = target.client() else {
-            continue;
-        };
-        let exec_id = target.exec_id.as_deref();
-        let result = if signal == libc::SIGWINCH {
-            match pty_slave.and_then(console::window_size) {
-                Some((rows, cols)) => client.resize_terminal(&target.id, exec_id, rows, cols),
-                None => Ok(()),
+        if signal == libc::SIGWINCH {
+            if let Some((rows, cols)) = pty_slave.and_then(console::window_size)
+                && let Err(e) =
+                    target
+                        .container
+                        .resize_terminal(target.exec_id.as_deref(), rows, cols)
+            {
+                tracing::warn!("cannot resize the container's terminal: {e}");
             }
         } else {
-            client.signal(&target.id, exec_id, signal, false)
-        };
-        if let Err(e) = result {
-            tracing::warn!("cannot pass signal {signal} to the container: {e}");
+            sink.signal(target, signal);
         }
     }
 }
@@ -204,15 +215,17 @@ pub fn report_file() -> Option<File> {
     Some(unsafe { File::from_raw_fd(REPORT_FD) })
 }
 
-/// Reads a monitor's report: `Ok` once its process exists.
-pub fn read_report(report: File) -> Result<(), String> {
+/// Reads a monitor's report: `Ok` once its process exists, else the monitor's error.
+pub fn read_report(report: File) -> Result<(), CliError> {
     let mut line = String::new();
     let mut reader = std::io::BufReader::new(report);
     let _ = std::io::BufRead::read_line(&mut reader, &mut line);
     match serde_json::from_str::<Report>(line.trim()) {
         Ok(Report::Created) => Ok(()),
-        Ok(Report::Failed(message)) => Err(message),
-        Err(_) => Err("the monitor exited before the process was created".into()),
+        Ok(Report::Failed(message)) => Err(CliError::Monitor(message)),
+        Err(_) => Err(CliError::Monitor(
+            "the monitor exited before the process was created".into(),
+        )),
     }
 }
 

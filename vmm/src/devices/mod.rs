@@ -2,4 +2,5 @@
 
 pub mod guest_status;
 pub mod legacy;
+pub mod registry;
 pub mod virtio;

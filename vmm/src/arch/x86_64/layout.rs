@@ -30,7 +30,7 @@ pub const MMIO_GAP_START: u64 = 0xd000_0000;
 /// End of the 32-bit MMIO gap.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// The guest status device (boot marker, shutdown notice): first page of the MMIO gap.
-pub const GUEST_STATUS_START: u64 = cocoon_agent_protocol::guest_status::GUEST_STATUS_ADDR;
+pub const GUEST_STATUS_START: u64 = cocoon_vmm_abi::guest_status::GUEST_STATUS_ADDR;
 /// virtio-mmio devices follow, one page each.
 pub const VIRTIO_MMIO_START: u64 = MMIO_GAP_START + 0x1000;
 /// Size of one virtio-mmio device window.

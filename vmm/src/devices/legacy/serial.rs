@@ -18,8 +18,11 @@ impl Trigger for IrqTrigger {
     }
 }
 
+pub(super) type Uart = Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
+
 pub struct SerialConsole {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    // Visible to `persist.rs`, which saves and rebuilds the UART.
+    pub(super) uart: Uart,
 }
 
 impl SerialConsole {

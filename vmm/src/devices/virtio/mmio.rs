@@ -43,17 +43,23 @@ pub const REG_QUEUE_DEVICE_HIGH: u64 = 0xa4;
 pub const REG_CONFIG_GENERATION: u64 = 0xfc;
 pub const CONFIG_SPACE: u64 = 0x100;
 
+// Fields are visible to the rest of `devices::virtio` so `persist.rs` can save and rebuild a
+// transport without this file growing snapshot code.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-    queue_select: u32,
-    device_features_select: u32,
-    driver_features_select: u32,
-    driver_features: u64,
-    status: u32,
-    activated: bool,
+    pub(super) device: Box<dyn VirtioDevice>,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) queues: Vec<Queue>,
+    pub(super) queue_select: u32,
+    pub(super) device_features_select: u32,
+    pub(super) driver_features_select: u32,
+    pub(super) driver_features: u64,
+    pub(super) status: u32,
+    pub(super) activated: bool,
+    /// `ConfigGeneration`: bumped whenever the device changes its configuration space under
+    /// the driver (a disk swap), so a driver that read the space across the change reads it
+    /// again. Never reset: a driver reading across a device reset must not see an old value.
+    pub(super) config_generation: u32,
 }
 
 impl MmioTransport {
@@ -80,6 +86,7 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             activated: false,
+            config_generation: 0,
         }
     }
 
@@ -125,7 +132,7 @@ impl MmioTransport {
         self.device.host_event_fd()
     }
 
-    fn interrupt_if(&mut self, used: bool) {
+    pub(super) fn interrupt_if(&mut self, used: bool) {
         // Without EVENT_IDX, needs_notification honours the driver's VIRTQ_AVAIL_F_NO_INTERRUPT;
         // a ring we cannot read is treated as "interrupt anyway".
         let mem = &self.mem;
@@ -227,7 +234,7 @@ impl MmioTransport {
                 .map_or(0, |q| q.ready().into()),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => self.status,
-            REG_CONFIG_GENERATION => 0,
+            REG_CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
     }
@@ -347,6 +354,11 @@ mod tests {
         fn process_queue(&mut self, _: usize, _: &mut [Queue], _: &GuestMemoryMmap) -> bool {
             self.processed += 1;
             true
+        }
+        fn save(&self) -> crate::devices::virtio::persist::DeviceState {
+            crate::devices::virtio::persist::DeviceState::Rng(
+                crate::devices::virtio::rng::persist::RngState {},
+            )
         }
     }
 

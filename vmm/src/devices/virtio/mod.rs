@@ -7,6 +7,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod rng;
 pub mod vsock;
 
@@ -55,6 +56,19 @@ impl Interrupt {
     /// Tells the driver that used buffers are waiting.
     pub fn signal_used_ring(&self) {
         self.status.fetch_or(INT_USED_RING, Ordering::SeqCst);
+        self.raise();
+    }
+
+    /// Tells the driver the device's configuration space changed (virtio-blk re-reads its
+    /// capacity on this).
+    pub fn signal_config_change(&self) {
+        self.status.fetch_or(INT_CONFIG_CHANGE, Ordering::SeqCst);
+        self.raise();
+    }
+
+    /// Pulses the line without touching the status bits: after a restore, for bits the old
+    /// process set but whose interrupt the guest may never have seen.
+    pub fn raise(&self) {
         if let Err(e) = self.irqfd.write(1) {
             tracing::warn!("cannot raise virtio interrupt: {e}");
         }
@@ -62,6 +76,11 @@ impl Interrupt {
 
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Sets the status bits a snapshot recorded (the caller has checked them).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     pub fn acknowledge(&self, bits: u32) {
@@ -98,6 +117,18 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// What a snapshot keeps of the device, enough to reopen its host side (`persist.rs`).
+    fn save(&self) -> persist::DeviceState;
+    /// The device restored from a snapshot may now talk to the driver (the interrupt
+    /// controller is restored, no vCPU runs yet). Same return as `process_queue`.
+    fn after_restore(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
+    /// The block device behind this trait object, so a disk can be swapped through the
+    /// transport; `None` for every other kind.
+    fn as_block_mut(&mut self) -> Option<&mut block::Block> {
+        None
+    }
 }
 
 /// Copies the part of a device's configuration space at `offset` into `data`; bytes past the

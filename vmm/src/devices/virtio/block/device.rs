@@ -4,10 +4,12 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::disk::Disk;
+use super::persist::BlockState;
 use super::request::{
     Rejected, Request, RequestKind, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
 };
+use crate::devices::virtio::persist::DeviceState;
 use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, read_config_space, serve_chains};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -28,25 +30,63 @@ pub struct BlockMetrics {
     pub errors: u64,
 }
 
+/// The features a block device offers; `read_only` is whether VIRTIO_BLK_F_RO is among them.
+pub fn features(read_only: bool) -> u64 {
+    let ro = if read_only { VIRTIO_BLK_F_RO } else { 0 };
+    VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | ro
+}
+
 pub struct Block {
     disk: Disk,
     config: [u8; 16],
+    /// Whether VIRTIO_BLK_F_RO is offered. Set from the disk when the driver (re)starts, and
+    /// kept across disk swaps and restores: features never change under a driver.
+    read_only_offered: bool,
     queue_sizes: [u16; 1],
     pub metrics: BlockMetrics,
 }
 
 impl Block {
     pub fn new(disk: Disk) -> Self {
+        let read_only = disk.read_only();
+        Self::with_offer(disk, read_only)
+    }
+
+    /// A device for `disk` that offers VIRTIO_BLK_F_RO as `read_only_offered` says (a restore
+    /// keeps what the driver negotiated).
+    pub fn with_offer(disk: Disk, read_only_offered: bool) -> Self {
         // virtio_blk_config: capacity (le64), size_max (le32, not offered), seg_max (le32).
         let mut config = [0u8; 16];
-        config[0..8].copy_from_slice(&disk.capacity().to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        Block {
+        let mut block = Block {
             disk,
             config,
+            read_only_offered,
             queue_sizes: [QUEUE_SIZE],
             metrics: BlockMetrics::default(),
-        }
+        };
+        block.publish_capacity();
+        block
+    }
+
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    pub fn read_only_offered(&self) -> bool {
+        self.read_only_offered
+    }
+
+    /// Puts `disk` in place of the current one (returned) and its capacity in config space;
+    /// telling the driver is the transport's part.
+    pub fn replace_disk(&mut self, disk: Disk) -> Disk {
+        let old = std::mem::replace(&mut self.disk, disk);
+        self.publish_capacity();
+        old
+    }
+
+    fn publish_capacity(&mut self) {
+        self.config[0..8].copy_from_slice(&self.disk.capacity().to_le_bytes());
     }
 
     /// Executes one parsed request; returns its status and the bytes written into the guest's
@@ -130,12 +170,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.disk.read_only() {
-            VIRTIO_BLK_F_RO
-        } else {
-            0
-        };
-        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | ro
+        features(self.read_only_offered)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -147,6 +182,19 @@ impl VirtioDevice for Block {
             return false;
         };
         serve_chains(queue, mem, |chain| self.serve(mem, chain))
+    }
+
+    fn reset(&mut self) {
+        // A driver starting over negotiates again, so it may learn what a swap changed.
+        self.read_only_offered = self.disk.read_only();
+    }
+
+    fn save(&self) -> DeviceState {
+        DeviceState::Block(BlockState::save(self))
+    }
+
+    fn as_block_mut(&mut self) -> Option<&mut Block> {
+        Some(self)
     }
 }
 

@@ -27,15 +27,46 @@ pub enum DiskError {
 /// reports (derived from the file's device and inode, so it is stable for the same image).
 pub struct Disk {
     file: File,
+    /// Absolute, so a snapshot taken here can reopen it from a process with another cwd.
+    path: PathBuf,
     capacity: u64,
     read_only: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES],
+    dev: u64,
+    ino: u64,
+}
+
+fn lock_mode(read_only: bool) -> libc::c_int {
+    if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    }
+}
+
+/// `flock` without blocking; false when someone else holds a conflicting lock.
+fn try_flock(file: &File, op: libc::c_int) -> bool {
+    // SAFETY: flock on a file descriptor we own; no memory is passed.
+    unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) == 0 }
 }
 
 impl Disk {
     /// Opens `path`. A writable image is locked exclusively (and a read-only one shared) so two
-    /// VMs can never write the same image at once.
+    /// VMs can never write the same image at once. An empty file is a disk of 0 sectors (a
+    /// spare slot a later swap fills): every read and write to it fails.
     pub fn open(path: &Path, read_only: bool) -> Result<Disk, DiskError> {
+        Self::open_with(path, read_only, None)
+    }
+
+    /// Opens `path` to take `current`'s place under a running guest. Reopening the very image
+    /// `current` has (to see it grown, or to change ro/rw) would collide with our own lock, so
+    /// for the same file `current`'s lock is let go while the new one is taken, and taken back
+    /// when that fails.
+    pub fn open_replacing(path: &Path, read_only: bool, current: &Disk) -> Result<Disk, DiskError> {
+        Self::open_with(path, read_only, Some(current))
+    }
+
+    fn open_with(path: &Path, read_only: bool, current: Option<&Disk>) -> Result<Disk, DiskError> {
         let err = |source| DiskError::Open {
             path: path.to_owned(),
             source,
@@ -49,13 +80,16 @@ impl Disk {
         if meta.is_dir() {
             return Err(DiskError::NotAFile(path.to_owned()));
         }
-        let lock = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a file descriptor we own; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+        let same = current.filter(|c| c.dev == meta.dev() && c.ino == meta.ino());
+        if let Some(c) = same {
+            try_flock(&c.file, libc::LOCK_UN);
+        }
+        if !try_flock(&file, lock_mode(read_only)) {
+            if let Some(c) = same
+                && !try_flock(&c.file, lock_mode(c.read_only))
+            {
+                tracing::warn!("disk image {}: lost its lock", c.path.display());
+            }
             return Err(DiskError::Locked {
                 path: path.to_owned(),
             });
@@ -70,10 +104,18 @@ impl Disk {
         id[..n].copy_from_slice(&text.as_bytes()[..n]);
         Ok(Disk {
             file,
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
             capacity: size >> SECTOR_SHIFT,
             read_only,
             id,
+            dev: meta.dev(),
+            ino: meta.ino(),
         })
+    }
+
+    /// The image's path, made absolute when it was opened.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Size in 512-byte sectors (a partial last sector is not visible).

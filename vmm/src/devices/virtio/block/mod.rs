@@ -2,6 +2,7 @@
 
 pub mod device;
 pub mod disk;
+pub mod persist;
 pub mod request;
 
 pub use device::Block;

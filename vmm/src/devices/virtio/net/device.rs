@@ -10,7 +10,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::persist::NetState;
 use super::tap::{Tap, VNET_HDR_SIZE};
+use crate::devices::virtio::persist::DeviceState;
 use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, read_config_space, serve_chains};
 
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -18,6 +20,8 @@ pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 pub const QUEUE_SIZE: u16 = 256;
+/// The features a network device offers.
+pub const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC;
 /// Largest frame with its header we move (64 KiB frame, as a TAP can hand us).
 pub const MAX_FRAME: usize = VNET_HDR_SIZE + 65535;
 
@@ -59,6 +63,14 @@ impl Net {
             queue_sizes: [QUEUE_SIZE; 2],
             metrics: NetMetrics::default(),
         })
+    }
+
+    pub fn tap_name(&self) -> &str {
+        &self.tap.name
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
     }
 
     /// Writes one guest frame (header included) to the TAP; bad chains are dropped.
@@ -178,7 +190,7 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC
+        FEATURES
     }
 
     /// `struct virtio_net_config`: the MAC first; the rest is not offered.
@@ -209,6 +221,10 @@ impl VirtioDevice for Net {
             self.tap_readable = true;
         }
         self.receive(queues, mem)
+    }
+
+    fn save(&self) -> DeviceState {
+        DeviceState::Net(NetState::save(self))
     }
 }
 

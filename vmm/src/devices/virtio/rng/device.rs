@@ -4,6 +4,8 @@ use virtio_queue::Queue;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
+use super::persist::RngState;
+use crate::devices::virtio::persist::DeviceState;
 use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, serve_chains};
 
 pub const VIRTIO_ID_RNG: u32 = 4;
@@ -108,6 +110,10 @@ impl VirtioDevice for Rng {
             return false;
         };
         serve_chains(queue, mem, |chain| self.serve(mem, chain))
+    }
+
+    fn save(&self) -> DeviceState {
+        DeviceState::Rng(RngState {})
     }
 }
 

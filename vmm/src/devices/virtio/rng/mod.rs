@@ -2,5 +2,6 @@
 //! pool is seeded at boot without waiting for interrupts to trickle in.
 
 pub mod device;
+pub mod persist;
 
 pub use device::Rng;

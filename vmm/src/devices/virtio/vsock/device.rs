@@ -5,10 +5,12 @@ use std::os::fd::RawFd;
 use std::path::Path;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::muxer::Muxer;
 use super::packet::{RxBuffer, read_tx};
+use super::persist::VsockState;
+use crate::devices::virtio::persist::DeviceState;
 use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, read_config_space, serve_chains};
 
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -16,6 +18,10 @@ pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;
 pub const QUEUE_SIZE: u16 = 256;
+/// `virtio_vsock_event.id`: the guest must drop its connections and re-read its CID.
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+/// Size of `struct virtio_vsock_event { le32 id; }`.
+pub const EVENT_SIZE: u32 = 4;
 
 pub struct Vsock {
     cid: u64,
@@ -31,6 +37,44 @@ impl Vsock {
             muxer: Muxer::new(cid, uds_path)?,
             queue_sizes: [QUEUE_SIZE; 3],
         })
+    }
+
+    pub fn cid(&self) -> u64 {
+        self.cid
+    }
+
+    pub fn uds_path(&self) -> &Path {
+        self.muxer.uds_path()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    /// Puts one TRANSPORT_RESET event in the first buffer of the event queue. Returns whether
+    /// a buffer was used; without one (the driver has not refilled the queue) the guest is
+    /// not told, and its old connections end as each gets a reset from the muxer instead.
+    fn send_transport_reset(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(EVENT_QUEUE).filter(|q| q.ready()) else {
+            return false;
+        };
+        let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+            tracing::warn!("vsock: no event buffer to announce the transport reset");
+            return false;
+        };
+        let head = chain.head_index();
+        // Linux posts one write-only 4-byte buffer per event; a buffer we cannot write is
+        // returned empty, which the driver ignores.
+        let len = match chain.next() {
+            Some(desc) if desc.is_write_only() && desc.len() >= EVENT_SIZE => mem
+                .write_obj(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le(), desc.addr())
+                .map_or(0, |()| EVENT_SIZE),
+            _ => 0,
+        };
+        if len == 0 {
+            tracing::debug!("vsock: unusable event buffer");
+        }
+        queue.add_used(mem, head, len).is_ok()
     }
 
     /// Moves packets from the muxer into the guest's RX buffers while both have some.
@@ -115,5 +159,16 @@ impl VirtioDevice for Vsock {
     fn process_host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         self.muxer.handle_host_events();
         self.fill_rx(queues, mem)
+    }
+
+    fn save(&self) -> DeviceState {
+        DeviceState::Vsock(VsockState::save(self))
+    }
+
+    /// The restored muxer has no connections, so the guest's are dead: the TRANSPORT_RESET
+    /// event makes the guest reset them all (and re-read its CID) while its listening sockets
+    /// stay, so the host can connect again at once.
+    fn after_restore(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        self.send_transport_reset(queues, mem)
     }
 }

@@ -5,5 +5,6 @@ pub mod connection;
 pub mod device;
 pub mod muxer;
 pub mod packet;
+pub mod persist;
 
 pub use device::Vsock;

@@ -19,7 +19,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use cocoon_agent_protocol::client::{bind_unix, connect_unix};
+use cocoon_vmm_abi::uds::{bind_unix, connect_unix};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -112,6 +112,11 @@ impl Muxer {
             next_port: FIRST_LOCAL_PORT,
             metrics: MuxerMetrics::default(),
         })
+    }
+
+    /// The socket host clients connect to (`PATH_<port>` for guest connects derives from it).
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
     }
 
     pub fn epoll_fd(&self) -> RawFd {

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,25 @@ use cocoon_agent_protocol::client::attach_stdio;
 use cocoon_agent_protocol::message::{StdioConfig, StdioStream};
 
 use crate::console;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StdioError {
+    #[error("the process has a terminal but no --console-socket was given")]
+    NoConsoleSocket,
+    #[error("cannot open a pty: {0}")]
+    Pty(std::io::Error),
+    #[error("console socket {path}: {source}")]
+    ConsoleSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("dup2 pty to fd {fd}: {source}")]
+    Dup2 { fd: i32, source: std::io::Error },
+    #[error("cannot attach the process's stdio: {0}")]
+    Attach(cocoon_agent_protocol::client::ClientError),
+    #[error("stdio relay: {0}")]
+    Io(std::io::Error),
+}
 
 /// The streams of one process, attached and relaying.
 pub struct Stdio {
@@ -58,15 +77,18 @@ impl Stdio {
         exec_id: Option<&str>,
         terminal: bool,
         console_socket: Option<&Path>,
-    ) -> Result<Stdio, String> {
-        let attach = |stream| attach_stdio(uds, id, exec_id, stream).map_err(|e| e.to_string());
-        let e = |e: std::io::Error| e.to_string();
+    ) -> Result<Stdio, StdioError> {
+        let attach = |stream| attach_stdio(uds, id, exec_id, stream).map_err(StdioError::Attach);
+        let e = StdioError::Io;
         if terminal {
-            let socket = console_socket
-                .ok_or("the process has a terminal but no --console-socket was given")?;
-            let pty = console::open_pty().map_err(e)?;
-            console::send_fd(socket, pty.master.as_raw_fd())
-                .map_err(|err| format!("console socket {}: {err}", socket.display()))?;
+            let socket = console_socket.ok_or(StdioError::NoConsoleSocket)?;
+            let pty = console::open_pty().map_err(StdioError::Pty)?;
+            console::send_fd(socket, pty.master.as_raw_fd()).map_err(|source| {
+                StdioError::ConsoleSocket {
+                    path: socket.to_owned(),
+                    source,
+                }
+            })?;
             // SAFETY: the slave becomes our controlling terminal (we lead our own session), so
             // window-size changes reach us as SIGWINCH.
             unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCSCTTY, 0) };
@@ -76,10 +98,10 @@ impl Stdio {
             for fd in 0..=2 {
                 // SAFETY: dup2 onto our own standard fds; the slave stays open in `pty`.
                 if unsafe { libc::dup2(pty.slave.as_raw_fd(), fd) } < 0 {
-                    return Err(format!(
-                        "dup2 pty to fd {fd}: {}",
-                        std::io::Error::last_os_error()
-                    ));
+                    return Err(StdioError::Dup2 {
+                        fd,
+                        source: std::io::Error::last_os_error(),
+                    });
                 }
             }
             let conn = attach(StdioStream::Terminal)?;

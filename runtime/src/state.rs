@@ -13,11 +13,15 @@ use serde::{Deserialize, Serialize};
 
 use cocoon_agent_protocol::message::{ExitStatus, valid_id};
 
-use crate::error::CliError;
+use crate::error::Error;
 
 pub const STATE_FILE: &str = "state.json";
 pub const EXIT_FILE: &str = "exit.json";
 pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// The monitor's control socket (see control.rs).
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// Present while the monitor holds the VM's vCPUs stopped (`pause`).
+pub const PAUSED_FILE: &str = "paused";
 
 /// The `ociVersion` of the state we report (`state`, and hooks' stdin).
 pub const OCI_VERSION: &str = "1.0.2";
@@ -69,6 +73,8 @@ impl Record {
 pub enum Status {
     Created,
     Running,
+    /// Running, with the VM's vCPUs stopped.
+    Paused,
     Stopped,
 }
 
@@ -77,6 +83,7 @@ impl Status {
         match self {
             Status::Created => "created",
             Status::Running => "running",
+            Status::Paused => "paused",
             Status::Stopped => "stopped",
         }
     }
@@ -84,17 +91,18 @@ impl Status {
     pub fn oci(self) -> ContainerState {
         match self {
             Status::Created => ContainerState::Created,
-            Status::Running => ContainerState::Running,
+            // The OCI state has no "paused"; runc's `state` says it, hooks see running.
+            Status::Running | Status::Paused => ContainerState::Running,
             Status::Stopped => ContainerState::Stopped,
         }
     }
 }
 
-pub fn check_id(id: &str) -> Result<(), CliError> {
+pub fn check_id(id: &str) -> Result<(), Error> {
     if valid_id(id) {
         Ok(())
     } else {
-        Err(CliError::InvalidId(id.to_owned()))
+        Err(Error::InvalidId(id.to_owned()))
     }
 }
 
@@ -105,27 +113,27 @@ pub struct ContainerDir {
     lock: File,
 }
 
-fn lock(dir: &Path) -> Result<File, CliError> {
-    let file = File::open(dir).map_err(CliError::io("open", dir))?;
+fn lock(dir: &Path) -> Result<File, Error> {
+    let file = File::open(dir).map_err(Error::io("open", dir))?;
     // SAFETY: flock on an fd we own; blocks until other verbs on this container finish.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(CliError::io("lock", dir)(std::io::Error::last_os_error()));
+        return Err(Error::io("lock", dir)(std::io::Error::last_os_error()));
     }
     Ok(file)
 }
 
 impl ContainerDir {
     /// Creates the directory of a new container; an existing one is a duplicate id.
-    pub fn create(root: &Path, id: &str) -> Result<ContainerDir, CliError> {
+    pub fn create(root: &Path, id: &str) -> Result<ContainerDir, Error> {
         check_id(id)?;
-        std::fs::create_dir_all(root).map_err(CliError::io("create", root))?;
+        std::fs::create_dir_all(root).map_err(Error::io("create", root))?;
         let path = root.join(id);
         match std::fs::create_dir(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(CliError::Exists(id.into()));
+                return Err(Error::Exists(id.into()));
             }
-            Err(e) => return Err(CliError::io("create", &path)(e)),
+            Err(e) => return Err(Error::io("create", &path)(e)),
         }
         let lock = lock(&path)?;
         Ok(ContainerDir {
@@ -136,16 +144,16 @@ impl ContainerDir {
     }
 
     /// Opens and locks an existing container's directory.
-    pub fn open(root: &Path, id: &str) -> Result<ContainerDir, CliError> {
+    pub fn open(root: &Path, id: &str) -> Result<ContainerDir, Error> {
         check_id(id)?;
         let path = root.join(id);
         if !path.is_dir() {
-            return Err(CliError::NotExist(id.into()));
+            return Err(Error::NotExist(id.into()));
         }
         let lock = lock(&path)?;
         // A directory without a record is a create that has not finished, or crashed.
         if !path.join(STATE_FILE).exists() {
-            return Err(CliError::NotExist(id.into()));
+            return Err(Error::NotExist(id.into()));
         }
         Ok(ContainerDir {
             path,
@@ -157,13 +165,13 @@ impl ContainerDir {
     /// Runs `f` with the lock released, then takes it again. Hooks run this way: a hook may
     /// call `state` (or any verb) on this very container, which would otherwise wait for us
     /// while we wait for it.
-    pub fn unlocked<T>(&self, f: impl FnOnce() -> T) -> Result<T, CliError> {
+    pub fn unlocked<T>(&self, f: impl FnOnce() -> T) -> Result<T, Error> {
         // SAFETY: flock on the fd we own.
         unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_UN) };
         let result = f();
         // SAFETY: as above; blocks until a verb the hooks started has finished.
         if unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(CliError::io("lock", &self.path)(
+            return Err(Error::io("lock", &self.path)(
                 std::io::Error::last_os_error(),
             ));
         }
@@ -174,36 +182,40 @@ impl ContainerDir {
         self.path.join(name)
     }
 
-    pub fn read(&self) -> Result<Record, CliError> {
+    pub fn read(&self) -> Result<Record, Error> {
         read_record(&self.path)
     }
 
     /// Writes the record atomically: a reader sees the old one or the new one.
-    pub fn write(&self, record: &Record) -> Result<(), CliError> {
+    pub fn write(&self, record: &Record) -> Result<(), Error> {
         write_atomically(
             &self.file(STATE_FILE),
-            &serde_json::to_vec_pretty(record).map_err(|e| CliError::Other(e.to_string()))?,
+            &serde_json::to_vec_pretty(record).map_err(|source| Error::Encode {
+                what: "the container's record",
+                source,
+            })?,
         )
     }
 
-    pub fn remove(self) -> Result<(), CliError> {
-        std::fs::remove_dir_all(&self.path).map_err(CliError::io("remove", &self.path))
+    pub fn remove(self) -> Result<(), Error> {
+        std::fs::remove_dir_all(&self.path).map_err(Error::io("remove", &self.path))
     }
 }
 
-pub fn read_record(dir: &Path) -> Result<Record, CliError> {
+pub fn read_record(dir: &Path) -> Result<Record, Error> {
     let path = dir.join(STATE_FILE);
-    let text = std::fs::read(&path).map_err(CliError::io("read", &path))?;
-    serde_json::from_slice(&text)
-        .map_err(|e| CliError::Other(format!("corrupt {}: {e}", path.display())))
+    let text = std::fs::read(&path).map_err(Error::io("read", &path))?;
+    serde_json::from_slice(&text).map_err(|e| Error::Corrupt {
+        path,
+        reason: e.to_string(),
+    })
 }
 
-pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), CliError> {
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), Error> {
     let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(CliError::io("create", &tmp))?;
-    file.write_all(contents)
-        .map_err(CliError::io("write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(CliError::io("rename", path))
+    let mut file = File::create(&tmp).map_err(Error::io("create", &tmp))?;
+    file.write_all(contents).map_err(Error::io("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(Error::io("rename", path))
 }
 
 pub fn read_exit(dir: &Path) -> Option<ExitStatus> {
@@ -233,6 +245,8 @@ pub fn monitor_alive(record: &Record) -> bool {
 pub fn status(dir: &Path, record: &Record) -> Status {
     if read_exit(dir).is_some() || !monitor_alive(record) {
         Status::Stopped
+    } else if dir.join(PAUSED_FILE).exists() {
+        Status::Paused
     } else if record.started {
         Status::Running
     } else {
@@ -298,27 +312,24 @@ mod tests {
         let root = std::env::temp_dir().join(format!("cocoon-state-{}", std::process::id()));
         for bad in ["", ".", "..", "a/b", "../x"] {
             assert!(
-                matches!(
-                    ContainerDir::create(&root, bad),
-                    Err(CliError::InvalidId(_))
-                ),
+                matches!(ContainerDir::create(&root, bad), Err(Error::InvalidId(_))),
                 "{bad:?}"
             );
         }
         let dir = ContainerDir::create(&root, "c1").unwrap();
         assert!(matches!(
             ContainerDir::create(&root, "c1"),
-            Err(CliError::Exists(_))
+            Err(Error::Exists(_))
         ));
         // No record yet: the other verbs do not see it.
         drop(dir);
         assert!(matches!(
             ContainerDir::open(&root, "c1"),
-            Err(CliError::NotExist(_))
+            Err(Error::NotExist(_))
         ));
         assert!(matches!(
             ContainerDir::open(&root, "c2"),
-            Err(CliError::NotExist(_))
+            Err(Error::NotExist(_))
         ));
         std::fs::remove_dir_all(&root).unwrap();
     }

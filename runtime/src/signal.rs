@@ -1,6 +1,6 @@
 //! Signal names as `kill` takes them: `TERM`, `SIGTERM`, `15`.
 
-use crate::error::CliError;
+use crate::error::Error;
 
 const NAMES: [(&str, i32); 31] = [
     ("HUP", libc::SIGHUP),
@@ -36,8 +36,8 @@ const NAMES: [(&str, i32); 31] = [
     ("SYS", libc::SIGSYS),
 ];
 
-pub fn parse(text: &str) -> Result<i32, CliError> {
-    let invalid = || CliError::InvalidSignal(text.to_owned());
+pub fn parse(text: &str) -> Result<i32, Error> {
+    let invalid = || Error::InvalidSignal(text.to_owned());
     if let Ok(number) = text.parse::<i32>() {
         return if (1..=64).contains(&number) {
             Ok(number)

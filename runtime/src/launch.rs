@@ -1,0 +1,150 @@
+//! What a container's sandbox is made of, settled by `create` before its monitor starts and
+//! written to `launch.json` in the container's directory: the spec as the guest will see it,
+//! the layer images, the host files' image, the VM's size and boot files.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::Spec;
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::{Bundle, vm_size};
+use crate::config::Config;
+use crate::error::Error;
+use crate::state::{ContainerDir, Record, process_start_time, rfc3339, write_atomically};
+use crate::{hooks, images};
+
+pub const LAUNCH_FILE: &str = "launch.json";
+
+/// More layers than this would not fit the VM's disk slots.
+pub const MAX_LAYERS: usize = 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Launch {
+    pub spec: Spec,
+    pub images: Vec<PathBuf>,
+    /// The image of the host files the spec bind-mounts (see host_files.rs).
+    pub host_files: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub boot_timeout_secs: u64,
+}
+
+impl Launch {
+    pub fn read(dir: &Path) -> Result<Launch, Error> {
+        let path = dir.join(LAUNCH_FILE);
+        let text = std::fs::read(&path).map_err(Error::io("read", &path))?;
+        serde_json::from_slice(&text).map_err(|e| Error::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    fn write(&self, dir: &ContainerDir) -> Result<(), Error> {
+        let json = serde_json::to_vec(self).map_err(|source| Error::Encode {
+            what: "the launch record",
+            source,
+        })?;
+        write_atomically(&dir.file(LAUNCH_FILE), &json)
+    }
+
+    /// Whether the container's process has a terminal.
+    pub fn terminal(&self) -> bool {
+        self.spec.process().as_ref().and_then(|p| p.terminal()) == Some(true)
+    }
+}
+
+/// What `create` is asked for.
+pub struct CreateRequest<'a> {
+    pub root: &'a Path,
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    pub console_socket: Option<&'a Path>,
+}
+
+/// Everything before the monitor starts: bundle checked, directory made, images built,
+/// `launch.json` written. On error nothing is left behind.
+pub fn prepare(request: &CreateRequest) -> Result<(ContainerDir, Bundle), Error> {
+    let config = Config::load()?;
+    let bundle = Bundle::load(request.bundle)?;
+    bundle.require_process()?;
+    hooks::check(bundle.spec.hooks().as_ref())?;
+    if bundle.terminal() && request.console_socket.is_none() {
+        return Err(Error::ConsoleSocketRequired);
+    }
+    let dir = ContainerDir::create(request.root, request.id)?;
+    crate::phase::phase("bundle checked");
+    match settle(&dir, &bundle, &config, request.console_socket) {
+        Ok(launch) => match launch.write(&dir) {
+            Ok(()) => {
+                crate::phase::phase("images ready");
+                Ok((dir, bundle))
+            }
+            Err(e) => {
+                let _ = dir.remove();
+                Err(e)
+            }
+        },
+        Err(e) => {
+            let _ = dir.remove();
+            Err(e)
+        }
+    }
+}
+
+fn settle(
+    dir: &ContainerDir,
+    bundle: &Bundle,
+    config: &Config,
+    console_socket: Option<&Path>,
+) -> Result<Launch, Error> {
+    let layers = images::images_for(&bundle.rootfs, &config.layer_cache, &dir.path)?;
+    if layers.len() > MAX_LAYERS {
+        return Err(Error::TooManyLayers(layers.len()));
+    }
+    let mut spec = bundle.spec.clone();
+    let staging = dir.file("host");
+    let host_files = if crate::host_files::stage(&mut spec, &dir.id, &staging)? {
+        let image = dir.file("host.erofs");
+        images::build_image(&staging, &image)?;
+        let _ = std::fs::remove_dir_all(&staging);
+        Some(image)
+    } else {
+        None
+    };
+    let (cpus, memory_mib) = vm_size(&bundle.spec, config);
+    Ok(Launch {
+        spec,
+        images: layers.into_iter().map(|l| l.image).collect(),
+        host_files,
+        console_socket: console_socket.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.into())),
+        cpus,
+        memory_mib,
+        kernel: config.kernel.clone(),
+        initrd: config.initrd.clone(),
+        boot_timeout_secs: config.boot_timeout_secs,
+    })
+}
+
+/// The record of a container whose process (monitor) is `pid`.
+pub fn record(dir: &ContainerDir, bundle: &Bundle, pid: i32, started: bool) -> Record {
+    Record {
+        id: dir.id.clone(),
+        bundle: bundle.path.clone(),
+        rootfs: bundle.rootfs.clone(),
+        pid,
+        pid_start_time: process_start_time(pid).unwrap_or(0),
+        created: rfc3339(std::time::SystemTime::now()),
+        started,
+        annotations: bundle
+            .spec
+            .annotations()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        hooks: bundle.spec.hooks().clone(),
+    }
+}

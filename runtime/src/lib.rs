@@ -1,0 +1,29 @@
+//! cocoon-runtime: what every cocoon front end shares. A front end (the runc-style `cocoon`
+//! CLI, the containerd shim) turns its engine's requests into calls here:
+//!
+//! - `bundle`, `images`, `host_files`: an OCI bundle checked, its root filesystem as EROFS
+//!   layer images, the host files it bind-mounts as one more image;
+//! - `launch`: what a container's sandbox needs, written by `create` for its monitor;
+//! - `sandbox`: one microVM and its agent ([`sandbox::Sandbox`]) and the containers in it
+//!   ([`sandbox::Container`]);
+//! - `control`: the socket over which other processes reach a sandbox's VMM (pause, resume);
+//! - `state`: the per-container directory and record; `hooks`: the spec's hooks on the host;
+//! - `stdio`, `console`: a process's stdio and terminal relayed to the guest.
+
+pub mod bundle;
+pub mod config;
+pub mod console;
+pub mod control;
+pub mod error;
+pub mod hooks;
+pub mod host_files;
+pub mod images;
+pub mod launch;
+pub mod phase;
+pub mod sandbox;
+pub mod signal;
+pub mod state;
+pub mod stdio;
+
+pub use error::Error;
+pub use sandbox::{Container, Sandbox, SandboxConfig};

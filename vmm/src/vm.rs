@@ -1,0 +1,497 @@
+//! The VM as a handle: built paused, then resumed, paused, stopped and waited for by whoever
+//! holds it (Firecracker's shape). `builder.rs` makes the parts; this module owns the threads.
+//!
+//! Threads: one per vCPU (parked outside `KVM_RUN` whenever the VM is paused, see
+//! `vcpu/control.rs`), one device thread, and one supervisor that waits for the first report
+//! of the end of the run, stops and joins the others, and only then publishes the reason. So
+//! once [`Vm::wait`] has returned no vCPU is inside `KVM_RUN`, and dropping the handle (guest
+//! memory, the VM fd) is safe.
+//!
+//! The handle handles no signals: what SIGTERM means is the embedder's choice (the VMM binary
+//! stops the VM, the runtime forwards it to the container).
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use kvm_ioctls::{VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::{BuildError, Origin};
+use crate::snapshot::{self, RestoreConfig, SnapshotError, VmSnapshot};
+use crate::vcpu::persist::VcpuPersistError;
+use crate::bus::lock;
+use crate::config::{DiskConfig, VmConfig};
+use crate::devices::registry::Devices;
+use crate::event_loop::EventLoop;
+use crate::lifecycle::{ExitReason, Lifecycle};
+use crate::vcpu::{Request, Vcpu, VcpuControl, VcpuState, kick};
+
+/// Where the VM as a whole is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmState {
+    /// Built and not resumed yet, or paused: no vCPU is in `KVM_RUN`.
+    Paused,
+    Running,
+    /// Over, for this reason; every vCPU thread has left.
+    Ended(ExitReason),
+}
+
+impl VmState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            VmState::Paused => "paused",
+            VmState::Running => "running",
+            VmState::Ended(_) => "ended",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("no disk {0} (disks are block0, block1, ... in the order given)")]
+    NoSuchDisk(String),
+    #[error(transparent)]
+    Device(#[from] crate::devices::virtio::persist::SwapError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("the VM has ended: {0}")]
+    Ended(ExitReason),
+    #[error("the VM must be paused for this")]
+    NotPaused,
+}
+
+/// What the builder hands over: everything built, no thread started.
+pub(crate) struct Parts {
+    pub vm: VmFd,
+    pub memory: GuestMemoryMmap,
+    pub guest_mappings: Vec<(usize, usize)>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub ended: Receiver<ExitReason>,
+    pub vcpus: Vec<Vcpu>,
+    pub event_loop: EventLoop,
+    pub device_stop: EventFd,
+    pub devices: Devices,
+    pub msr_indices: Vec<u32>,
+    pub origin: Origin,
+}
+
+struct VcpuSlot {
+    control: Arc<VcpuControl>,
+    /// Valid until the supervisor joins the thread, which it does only after the thread has
+    /// marked itself exited; `RunControl::request` kicks only threads that have not.
+    thread: libc::pthread_t,
+}
+
+impl VcpuSlot {
+    fn request(&self, request: Request) {
+        let thread = self.thread;
+        self.control.request(request, || kick::kick(thread));
+    }
+}
+
+/// The end of the run, published by the supervisor once every vCPU thread is joined.
+#[derive(Default)]
+struct Ending {
+    reason: Mutex<Option<ExitReason>>,
+    published: Condvar,
+}
+
+/// The threads the supervisor stops and joins when the run ends; dropping it does that, so a
+/// build that fails half-way leaves no thread behind either.
+struct Threads {
+    vcpus: Vec<(VcpuSlot, JoinHandle<()>)>,
+    devices: Option<(EventFd, JoinHandle<()>)>,
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        for (slot, _) in &self.vcpus {
+            slot.request(Request::Stop);
+        }
+        for (slot, thread) in self.vcpus.drain(..) {
+            slot.control.wait_until_exited();
+            let _ = thread.join();
+        }
+        if let Some((stop, thread)) = self.devices.take() {
+            match stop.write(1) {
+                Ok(()) => {
+                    let _ = thread.join();
+                }
+                // Left running: it only serves devices of a VM whose vCPUs are gone.
+                Err(e) => tracing::warn!("cannot stop the device thread: {e}"),
+            }
+        }
+    }
+}
+
+/// One microVM. `Send + Sync`: share it in an `Arc`.
+pub struct Vm {
+    vcpus: Vec<VcpuSlot>,
+    /// Whether the vCPUs were last asked to run (the state between `resume` and `pause`).
+    running: AtomicBool,
+    /// Serialises pause, resume and vCPU commands, so each sees the vCPUs settle.
+    transition: Mutex<()>,
+    ending: Arc<Ending>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+    devices: Devices,
+    lifecycle: Arc<Lifecycle>,
+    guest_mappings: Vec<(usize, usize)>,
+    msr_indices: Vec<u32>,
+    /// Changes when a disk is swapped.
+    origin: Mutex<Origin>,
+    // Last, so dropped after everything above: the VM fd before guest memory, and both only
+    // after `Drop` has joined the vCPU threads.
+    vm_fd: VmFd,
+    memory: GuestMemoryMmap,
+}
+
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Vm>();
+};
+
+impl Vm {
+    /// Builds the VM described by `config` with its vCPU and device threads started and every
+    /// vCPU parked before its first `KVM_RUN`. `started` is when the embedder began (boot
+    /// timings count from it). The VM runs from [`Vm::resume`].
+    pub fn build(
+        config: &VmConfig,
+        started: Instant,
+        started_wall: SystemTime,
+    ) -> Result<Vm, BuildError> {
+        crate::builder::build(config, started, started_wall)
+    }
+
+    pub(crate) fn start(parts: Parts) -> Result<Vm, BuildError> {
+        kick::install_handler().map_err(BuildError::Signal)?;
+        let mut threads = Threads {
+            vcpus: Vec::with_capacity(parts.vcpus.len()),
+            devices: None,
+        };
+        // On an error, dropping `threads` stops and joins what was started.
+        Self::spawn_threads(
+            &mut threads,
+            parts.vcpus,
+            parts.event_loop,
+            parts.device_stop,
+        )?;
+        let vcpus = threads
+            .vcpus
+            .iter()
+            .map(|(slot, _)| VcpuSlot {
+                control: slot.control.clone(),
+                thread: slot.thread,
+            })
+            .collect();
+        let ending = Arc::new(Ending::default());
+        let supervisor = {
+            let ending = ending.clone();
+            let ended = parts.ended;
+            std::thread::Builder::new()
+                .name("cocoon-vm".into())
+                .spawn(move || {
+                    // Every sender lives in the Lifecycle, which the vCPU threads and the
+                    // handle hold: the channel cannot close while anyone could still report.
+                    let reason = ended.recv().unwrap_or(ExitReason::VcpuFailed {
+                        vcpu: 0,
+                        error: "no vCPU left".into(),
+                    });
+                    drop(threads);
+                    *lock(&ending.reason) = Some(reason);
+                    ending.published.notify_all();
+                })
+        };
+        // A closure that never ran is dropped, and `threads` with it.
+        let supervisor = supervisor.map_err(BuildError::Thread)?;
+        Ok(Vm {
+            vcpus,
+            running: AtomicBool::new(false),
+            transition: Mutex::new(()),
+            ending,
+            supervisor: Mutex::new(Some(supervisor)),
+            devices: parts.devices,
+            lifecycle: parts.lifecycle,
+            guest_mappings: parts.guest_mappings,
+            msr_indices: parts.msr_indices,
+            origin: Mutex::new(parts.origin),
+            vm_fd: parts.vm,
+            memory: parts.memory,
+        })
+    }
+
+    fn spawn_threads(
+        threads: &mut Threads,
+        vcpus: Vec<Vcpu>,
+        event_loop: EventLoop,
+        device_stop: EventFd,
+    ) -> Result<(), BuildError> {
+        if !event_loop.is_empty() {
+            let thread = std::thread::Builder::new()
+                .name("cocoon-devices".into())
+                .spawn(move || event_loop.run())
+                .map_err(BuildError::Thread)?;
+            threads.devices = Some((device_stop, thread));
+        }
+        for vcpu in vcpus {
+            let control = Arc::new(VcpuControl::new());
+            let theirs = control.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("cocoon-vcpu{}", vcpu.id))
+                .spawn(move || vcpu.run(theirs))
+                .map_err(BuildError::Thread)?;
+            let slot = VcpuSlot {
+                control,
+                thread: thread.as_pthread_t(),
+            };
+            threads.vcpus.push((slot, thread));
+        }
+        Ok(())
+    }
+
+    /// Lets every vCPU run. Returns at once; resuming a running VM changes nothing.
+    pub fn resume(&self) -> Result<(), VmError> {
+        let _transition = lock(&self.transition);
+        self.not_ended()?;
+        for slot in &self.vcpus {
+            slot.request(Request::Run);
+        }
+        self.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Returns once every vCPU is out of `KVM_RUN` and parked (or gone, if the VM ended
+    /// meanwhile). Pausing a paused VM changes nothing. Devices keep serving their host side
+    /// (a vsock peer's bytes still land in guest buffers); only the vCPUs stop.
+    pub fn pause(&self) -> Result<(), VmError> {
+        let _transition = lock(&self.transition);
+        self.not_ended()?;
+        for slot in &self.vcpus {
+            slot.request(Request::Pause);
+        }
+        for slot in &self.vcpus {
+            slot.control.wait_until_parked();
+        }
+        self.running.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Ends the VM from the host: vCPUs are kicked out of `KVM_RUN` and their threads leave.
+    /// Returns at once; [`Vm::wait`] then gives [`ExitReason::Stopped`], or the guest's own
+    /// reason if it ended first.
+    pub fn stop(&self) {
+        self.lifecycle.end(ExitReason::Stopped);
+    }
+
+    pub fn state(&self) -> VmState {
+        match self.try_wait() {
+            Some(reason) => VmState::Ended(reason),
+            None if self.running.load(Ordering::SeqCst) => VmState::Running,
+            None => VmState::Paused,
+        }
+    }
+
+    /// Each vCPU's state, by vCPU id.
+    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+        self.vcpus.iter().map(|s| s.control.state()).collect()
+    }
+
+    /// Blocks until the VM has ended and every vCPU thread is joined.
+    pub fn wait(&self) -> ExitReason {
+        let mut reason = lock(&self.ending.reason);
+        loop {
+            if let Some(reason) = reason.as_ref() {
+                return reason.clone();
+            }
+            reason = self
+                .ending
+                .published
+                .wait(reason)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// [`Vm::wait`] for at most `timeout`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        let reason = lock(&self.ending.reason);
+        let (reason, _) = self
+            .ending
+            .published
+            .wait_timeout_while(reason, timeout, |r| r.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        reason.clone()
+    }
+
+    /// The reason, if the VM has ended.
+    pub fn try_wait(&self) -> Option<ExitReason> {
+        lock(&self.ending.reason).clone()
+    }
+
+    /// Runs `f` on every vCPU's fd, on the vCPU's own thread (KVM wants most vCPU ioctls from
+    /// there), while the VM is paused; the results come back by vCPU id. The hook later work
+    /// (saving and restoring vCPU state) builds on.
+    pub fn with_vcpus<R, F>(&self, f: F) -> Result<Vec<R>, VmError>
+    where
+        F: Fn(u8, &mut VcpuFd) -> R + Send + Sync + 'static,
+        R: Send + 'static,
+    {
+        let _transition = lock(&self.transition);
+        self.on_paused_vcpus(f)
+    }
+
+    /// [`Vm::with_vcpus`], for a caller that holds the transition lock.
+    fn on_paused_vcpus<R, F>(&self, f: F) -> Result<Vec<R>, VmError>
+    where
+        F: Fn(u8, &mut VcpuFd) -> R + Send + Sync + 'static,
+        R: Send + 'static,
+    {
+        self.not_ended()?;
+        if self.running.load(Ordering::SeqCst) {
+            return Err(VmError::NotPaused);
+        }
+        let f = Arc::new(f);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (id, slot) in self.vcpus.iter().enumerate() {
+            let (f, tx, id) = (f.clone(), tx.clone(), id as u8);
+            if !slot.control.submit(Box::new(move |fd: &mut VcpuFd| {
+                let _ = tx.send((id, f(id, fd)));
+            })) {
+                return Err(VmError::Ended(self.wait()));
+            }
+        }
+        drop(tx);
+        let mut results: Vec<Option<R>> = (0..self.vcpus.len()).map(|_| None).collect();
+        for _ in 0..self.vcpus.len() {
+            // A thread that leaves drops its queued commands and their senders.
+            let Ok((id, result)) = rx.recv() else {
+                return Err(VmError::Ended(self.wait()));
+            };
+            results[usize::from(id)] = Some(result);
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    /// Restores the VM a snapshot describes, paused (see `builder::restore`).
+    pub fn restore(
+        restore: &RestoreConfig,
+        started: Instant,
+        started_wall: SystemTime,
+    ) -> Result<Vm, SnapshotError> {
+        crate::builder::restore(restore, started, started_wall)
+    }
+
+    /// Saves the paused VM to `dir` (created if missing): guest RAM to `memory.bin`, then the
+    /// rest to `state.bin`. Devices are held still meanwhile (the device thread waits), so RAM
+    /// and device state agree. The VM stays paused.
+    pub fn snapshot(&self, dir: &Path) -> Result<(), SnapshotError> {
+        let _transition = lock(&self.transition);
+        if self.running.load(Ordering::SeqCst) {
+            return Err(SnapshotError::NotPaused);
+        }
+        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
+            what: "create",
+            path: dir.to_owned(),
+            source,
+        })?;
+        // A half-written directory must not pass for a snapshot.
+        let _ = std::fs::remove_file(dir.join(snapshot::STATE_FILE));
+        let msrs = Arc::new(self.msr_indices.clone());
+        let vcpus = self
+            .on_paused_vcpus(move |id, fd| crate::vcpu::persist::save(fd, id, &msrs))
+            .map_err(|e| match e {
+                VmError::Ended(reason) => SnapshotError::Ended(reason),
+                VmError::NotPaused => SnapshotError::NotPaused,
+            })?
+            .into_iter()
+            .collect::<Result<Vec<_>, VcpuPersistError>>()?;
+        let machine = snapshot::machine::save(&self.vm_fd)?;
+        let guards: Vec<_> = self.devices.virtio().map(|(id, t)| (id, lock(t))).collect();
+        let origin = lock(&self.origin);
+        let memory = snapshot::memory::save(&self.memory, dir, origin.memory_from_file)?;
+        let devices = guards
+            .iter()
+            .map(|(id, transport)| (id.to_string(), transport.save()))
+            .collect();
+        drop(guards);
+        let state = VmSnapshot {
+            config: origin.config.clone(),
+            boot_files: origin.boot_files.clone(),
+            memory,
+            machine,
+            vcpus,
+            devices,
+            serial: self.devices.serial.as_ref().map(|s| lock(s).save()),
+            guest_status: crate::devices::guest_status::GuestStatusState::save(&self.lifecycle),
+        };
+        snapshot::write_state(dir, &state)
+    }
+
+    /// The configuration this VM was built (or restored) with, disks as swapped since.
+    pub fn config(&self) -> VmConfig {
+        lock(&self.origin).config.clone()
+    }
+
+    /// Gives block device `id` (`block0`, ...) a new backing file, and tells the guest, which
+    /// re-reads the capacity (a config-change interrupt). Meant for a disk the guest does not
+    /// use meanwhile: a spare slot, or one whose filesystem is unmounted.
+    pub fn swap_disk(&self, id: &str, disk: DiskConfig) -> Result<(), SwapError> {
+        let index = id
+            .strip_prefix("block")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| SwapError::NoSuchDisk(id.to_owned()))?;
+        let transport = self
+            .devices
+            .get(id)
+            .ok_or_else(|| SwapError::NoSuchDisk(id.to_owned()))?;
+        let mut origin = lock(&self.origin);
+        lock(transport).swap_disk(disk.clone())?;
+        if let Some(slot) = origin.config.disks.get_mut(index) {
+            *slot = disk;
+        }
+        Ok(())
+    }
+
+    /// Boot timestamps and exit counters, for metrics.
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
+    /// Host address ranges of guest RAM (left out of the VMM's own RSS).
+    pub fn guest_mappings(&self) -> &[(usize, usize)] {
+        &self.guest_mappings
+    }
+
+    /// Every device, virtio ones by id (see `devices/registry.rs`).
+    pub fn devices(&self) -> &Devices {
+        &self.devices
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    fn not_ended(&self) -> Result<(), VmError> {
+        match self.try_wait() {
+            Some(reason) => Err(VmError::Ended(reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Guest memory and the VM fd go with `self`: first make sure no vCPU can touch them.
+        self.stop();
+        self.wait();
+        if let Some(supervisor) = lock(&self.supervisor).take() {
+            let _ = supervisor.join();
+        }
+    }
+}
