@@ -10,8 +10,7 @@ use std::time::Duration;
 use cocoon_agent_protocol::client::{AgentClient, ClientError};
 use cocoon_agent_protocol::frame::{read_frame, write_frame};
 use cocoon_agent_protocol::message::{
-    ContainerStatus, ErrorKind, ExecProcess, GuestSetup,
-    ReplyEnvelope, StdioConfig, StdioStream,
+    ContainerStatus, ErrorKind, ExecProcess, GuestSetup, ReplyEnvelope, StdioConfig, StdioStream,
 };
 use oci_spec::runtime::Process;
 use serde_json::{Value, json};

@@ -505,7 +505,7 @@ fn containers_live_and_die_like_runc_containers() {
     let counter = scratch.path("counter.json");
     std::fs::write(
         &counter,
-        r#"{"args":["sh","-c","i=0; while true; do i=$((i+1)); echo $i > /tmp/n; usleep 100000; done"],"cwd":"/","user":{"uid":0,"gid":0}}"#,
+        r#"{"args":["sh","-c","i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; usleep 100000; done"],"cwd":"/","user":{"uid":0,"gid":0}}"#,
     )
     .unwrap();
     cocoon.detached(&[
@@ -517,13 +517,20 @@ fn containers_live_and_die_like_runc_containers() {
     ]);
     let count = || -> i64 {
         let out = cocoon.ok(&["exec", "c1", "cat", "/tmp/n"]);
-        out.trim().parse().unwrap_or_else(|_| panic!("counter {out:?}"))
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("counter {out:?}"))
     };
-    let three_s = std::time::Duration::from_secs(3);
+    // Each read is an exec (seconds here, with the counter running meanwhile): the windows
+    // must be long against that for "stood still" to show.
+    let window = std::time::Duration::from_secs(10);
     let before = count();
-    std::thread::sleep(three_s);
+    std::thread::sleep(window);
     let running = count() - before;
-    assert!(running >= 4, "the counter barely moves while running: {running}");
+    assert!(
+        running >= 4,
+        "the counter barely moves while running: {running}"
+    );
     let before = count();
     cocoon.ok(&["pause", "c1"]);
     assert_eq!(cocoon.state("c1")["status"], "paused");
@@ -538,7 +545,7 @@ fn containers_live_and_die_like_runc_containers() {
         let err = cocoon.fails(verb);
         assert!(err.contains("container c1 is paused"), "{verb:?}: {err}");
     }
-    std::thread::sleep(three_s);
+    std::thread::sleep(window);
     cocoon.ok(&["resume", "c1"]);
     assert_eq!(cocoon.state("c1")["status"], "running");
     let paused = count() - before;
@@ -686,4 +693,87 @@ fn a_failing_prestart_hook_fails_create_and_leaves_nothing() {
             .fails(&["state", "h1"])
             .contains("container h1 does not exist")
     );
+}
+
+#[test]
+fn checkpoint_and_restore_keep_a_running_process_going() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if artifacts_or_skip("checkpoint").is_none() {
+        return;
+    }
+    let Some(bin) = cocoon_binary() else { return };
+    let scratch = Scratch::new("checkpoint");
+    let cocoon = Cocoon {
+        bin,
+        root: scratch.path("root"),
+    };
+    let b = bundle(
+        &scratch.path("bundle"),
+        &[
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; usleep 100000; done",
+        ],
+    );
+    cocoon.detached(&["run", "--detach", "--bundle", b.to_str().unwrap(), "k1"]);
+    let count = || -> i64 {
+        let out = cocoon.ok(&["exec", "k1", "cat", "/tmp/n"]);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("counter {out:?}"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count() < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the counter does not count"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let before = count();
+    let pid = cocoon.state("k1")["pid"].as_i64().unwrap() as i32;
+    let image = scratch.path("ckpt");
+    cocoon.ok(&["checkpoint", "--image-path", image.to_str().unwrap(), "k1"]);
+    // As after a runc checkpoint: the container is stopped, its process gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!alive(pid));
+    assert_eq!(cocoon.state("k1")["status"], "stopped");
+    cocoon.ok(&["delete", "k1"]);
+
+    // A checkpoint that is not there: refused, nothing made.
+    let err = cocoon.fails(&[
+        "restore",
+        "--detach",
+        "--image-path",
+        scratch.path("nothing").to_str().unwrap(),
+        "--bundle",
+        b.to_str().unwrap(),
+        "k2",
+    ]);
+    assert!(err.contains("checkpoint.json"), "{err}");
+    assert!(cocoon.containers().is_empty(), "{:?}", cocoon.containers());
+
+    // Restored: no boot, the same shell goes on counting from where it was.
+    cocoon.detached(&[
+        "restore",
+        "--detach",
+        "--image-path",
+        image.to_str().unwrap(),
+        "--bundle",
+        b.to_str().unwrap(),
+        "k1",
+    ]);
+    assert_eq!(cocoon.state("k1")["status"], "running");
+    let after = count();
+    assert!(after >= before, "the counter restarted: {after} < {before}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let later = count();
+    assert!(later > after, "the restored process does not run: {later}");
+    let ps: Vec<i32> = serde_json::from_str(&cocoon.ok(&["ps", "--format", "json", "k1"])).unwrap();
+    assert!(!ps.is_empty(), "{ps:?}");
+    cocoon.ok(&["delete", "--force", "k1"]);
+    assert!(cocoon.containers().is_empty());
 }

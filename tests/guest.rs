@@ -153,4 +153,3 @@ pub fn exited(code: i32) -> ExitStatus {
         oom_killed: false,
     }
 }
-

@@ -27,7 +27,11 @@ fn container_checks(guest: &Guest, tag: &str) {
     assert_eq!(out.status, exited(3), "{tag}: {}", out.stderr);
     assert_eq!(out.stdout, format!("out\n{}\n", 48 << 20), "{tag}");
     assert_eq!(out.stderr, "err\n", "{tag}");
-    let out = guest.run(&format!("{tag}-stdin"), spec(&["cat"]), Some(b"through stdin"));
+    let out = guest.run(
+        &format!("{tag}-stdin"),
+        spec(&["cat"]),
+        Some(b"through stdin"),
+    );
     assert_eq!(out.status, exited(0), "{tag}: {}", out.stderr);
     assert_eq!(out.stdout, "through stdin", "{tag}");
 }
@@ -242,11 +246,7 @@ fn a_snapshot_restores_into_clones_that_run_containers() {
     assert!(refused(vmm, &[], &bad).contains("memory file"));
     let other_kernel = scratch.path("other-vmlinux");
     std::fs::write(&other_kernel, b"not the kernel").unwrap();
-    let err = refused(
-        vmm,
-        &["--kernel", other_kernel.to_str().unwrap()],
-        &snap,
-    );
+    let err = refused(vmm, &["--kernel", other_kernel.to_str().unwrap()], &snap);
     assert!(err.contains("snapshot was taken with kernel"), "{err}");
     assert!(refused(vmm, &[], &scratch.path("nothing")).contains("state.bin"));
 }

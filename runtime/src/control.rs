@@ -26,6 +26,12 @@ pub enum Request {
         signal: i32,
         all: bool,
     },
+    /// Save the VM to `dir` (see `checkpoint.rs`); with `leave_running` it goes on, else the
+    /// container stops, as a runc checkpoint leaves it.
+    Checkpoint {
+        dir: PathBuf,
+        leave_running: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +128,7 @@ mod tests {
             Request::Pause => Reply::Done,
             Request::Resume => Reply::Refused("container x is not paused".into()),
             Request::Signal { signal, .. } => Reply::Refused(format!("signal {signal}")),
+            Request::Checkpoint { .. } => Reply::Done,
         })
         .unwrap();
         call(&path, &Request::Pause).unwrap();

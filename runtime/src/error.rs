@@ -45,6 +45,8 @@ pub enum Error {
     Vm(#[from] cocoon_vmm::builder::BuildError),
     #[error("the microVM {0}")]
     VmControl(#[from] cocoon_vmm::vm::VmError),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] cocoon_vmm::snapshot::SnapshotError),
     #[error("the microVM stopped while booting: {0}")]
     EndedWhileBooting(cocoon_vmm::lifecycle::ExitReason),
     #[error("the guest agent did not answer within {0} s")]

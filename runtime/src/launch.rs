@@ -34,12 +34,7 @@ pub struct Launch {
 
 impl Launch {
     pub fn read(dir: &Path) -> Result<Launch, Error> {
-        let path = dir.join(LAUNCH_FILE);
-        let text = std::fs::read(&path).map_err(Error::io("read", &path))?;
-        serde_json::from_slice(&text).map_err(|e| Error::Corrupt {
-            path,
-            reason: e.to_string(),
-        })
+        crate::state::read_json(&dir.join(LAUNCH_FILE))
     }
 
     fn write(&self, dir: &ContainerDir) -> Result<(), Error> {

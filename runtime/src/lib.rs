@@ -11,6 +11,7 @@
 //! - `stdio`, `console`: a process's stdio and terminal relayed to the guest.
 
 pub mod bundle;
+pub mod checkpoint;
 pub mod config;
 pub mod console;
 pub mod control;

@@ -13,6 +13,7 @@ use cocoon_agent_protocol::message::{
 };
 use cocoon_vmm::config::{ConsoleConfig, DiskConfig, VmConfig, VsockConfig};
 use cocoon_vmm::lifecycle::ExitReason;
+use cocoon_vmm::snapshot::RestoreConfig;
 use cocoon_vmm::vm::Vm;
 use oci_spec::runtime::LinuxResources;
 
@@ -100,23 +101,55 @@ pub struct Sandbox {
 impl Sandbox {
     /// Builds the VM, runs it, and waits until the agent answers. On error the VM is stopped.
     pub fn boot(config: &SandboxConfig) -> Result<Sandbox, Error> {
-        let vm = Arc::new(Vm::build(
-            &config.vm_config(),
-            Instant::now(),
-            SystemTime::now(),
-        )?);
+        let vm = Vm::build(&config.vm_config(), Instant::now(), SystemTime::now())?;
+        Sandbox::run(vm, config, "vm running")
+    }
+
+    /// Resumes a built or restored VM and waits for its agent; on error the VM is stopped.
+    fn run(vm: Vm, config: &SandboxConfig, phase: &str) -> Result<Sandbox, Error> {
         let sandbox = Sandbox {
-            vm,
+            vm: Arc::new(vm),
             vsock_socket: config.vsock_socket.clone(),
         };
         sandbox.vm.resume()?;
-        crate::phase::phase("vm running");
+        crate::phase::phase(phase);
         if let Err(e) = sandbox.wait_for_agent(config.boot_timeout) {
             sandbox.vm.stop();
             return Err(e);
         }
         crate::phase::phase("agent up");
         Ok(sandbox)
+    }
+
+    /// Restores the VM saved in `snapshot` (see [`Sandbox::snapshot`]) with this config's
+    /// vsock socket and disks (in order, replacing the snapshot's first ones), runs it and
+    /// waits for the agent. The snapshot must be of the same kernel and initramfs. The guest is
+    /// the snapshotted one: the caller re-seeds and re-times it (`setup_guest`).
+    pub fn restore(config: &SandboxConfig, snapshot: &Path) -> Result<Sandbox, Error> {
+        let mut restore = RestoreConfig::new(snapshot);
+        restore.overrides.vsock_uds = Some(config.vsock_socket.clone());
+        restore.overrides.disks = config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, path)| {
+                let disk = DiskConfig {
+                    path: path.clone(),
+                    read_only: true,
+                };
+                (format!("block{i}"), disk)
+            })
+            .collect();
+        restore.console = Some(ConsoleConfig::Off);
+        restore.expect = Some(config.vm_config());
+        let vm = Vm::restore(&restore, Instant::now(), SystemTime::now())?;
+        Sandbox::run(vm, config, "vm restored")
+    }
+
+    /// Saves the VM to `dir` (pausing it first); it stays paused.
+    pub fn snapshot(&self, dir: &Path) -> Result<(), Error> {
+        self.vm.pause()?;
+        Ok(self.vm.snapshot(dir)?)
     }
 
     fn wait_for_agent(&self, timeout: Duration) -> Result<(), Error> {

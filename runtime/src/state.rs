@@ -203,10 +203,14 @@ impl ContainerDir {
 }
 
 pub fn read_record(dir: &Path) -> Result<Record, Error> {
-    let path = dir.join(STATE_FILE);
-    let text = std::fs::read(&path).map_err(Error::io("read", &path))?;
+    read_json(&dir.join(STATE_FILE))
+}
+
+/// One of the runtime's JSON files; unreadable or malformed is an error naming it.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
+    let text = std::fs::read(path).map_err(Error::io("read", path))?;
     serde_json::from_slice(&text).map_err(|e| Error::Corrupt {
-        path,
+        path: path.to_owned(),
         reason: e.to_string(),
     })
 }

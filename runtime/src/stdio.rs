@@ -144,6 +144,15 @@ impl Stdio {
         Ok(stdio)
     }
 
+    /// No streams: a process whose stdio stayed with a VM it was restored from.
+    pub fn detached() -> Stdio {
+        Stdio {
+            config: StdioConfig::default(),
+            relays: Vec::new(),
+            pty_slave: None,
+        }
+    }
+
     pub fn window_size(&self) -> Option<(u16, u16)> {
         self.pty_slave
             .as_ref()

@@ -39,10 +39,14 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         }
         Command::Check { format } => cli::check::check(format),
         Command::Spec { bundle } => cli::spec::spec(bundle),
-        Command::Monitor { id } => {
+        Command::Monitor { id, restore_from } => {
             state::check_id(id)?;
-            monitor::container::run(&global.root.join(id), id, monitor::report_file(), false)
+            let dir = global.root.join(id);
+            let report = monitor::report_file();
+            monitor::container::run(&dir, id, report, false, restore_from.as_deref())
         }
+        Command::Checkpoint(args) => cli::checkpoint::checkpoint(global, args),
+        Command::Restore(args) => cli::checkpoint::restore(global, args),
         Command::ExecMonitor { id, exec_id } => cli::exec::exec_monitor(global, id, exec_id),
     }
 }

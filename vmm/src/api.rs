@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::lifecycle::ExitReason;
 use crate::config::DiskConfig;
+use crate::lifecycle::ExitReason;
 use crate::snapshot::SnapshotError;
 use crate::vcpu::VcpuState;
 use crate::vm::{SwapError, Vm, VmError, VmState};
@@ -37,7 +37,10 @@ pub enum Request {
     /// Save the paused VM to this directory.
     Snapshot(PathBuf),
     /// Give a block device a new backing file.
-    SwapDisk { id: String, disk: DiskConfig },
+    SwapDisk {
+        id: String,
+        disk: DiskConfig,
+    },
 }
 
 /// Parses one request line (without its newline).
@@ -295,7 +298,10 @@ mod tests {
                 "want pause, resume, state, snapshot or swap_disk",
             ),
             (r#"{"action":"snapshot"}"#, "snapshot needs a \"path\""),
-            (r#"{"action":"swap_disk","path":"/x"}"#, "swap_disk needs \"id\""),
+            (
+                r#"{"action":"swap_disk","path":"/x"}"#,
+                "swap_disk needs \"id\"",
+            ),
             (
                 r#"{"action":"swap_disk","id":"block0","path":"/x","read_only":"yes"}"#,
                 "must be true or false",

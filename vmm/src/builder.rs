@@ -23,11 +23,13 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::{cpuid, memory_map, mptable, msr, pvh, regs};
 use crate::boot_image::BootImage;
+use crate::bus::lock;
 use crate::bus::{Bus, BusDevice};
 use crate::cmdline::{self, MmioDevice};
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::devices::guest_status::GuestStatus;
 use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::persist::SerialState;
 use crate::devices::legacy::serial::SerialConsole;
 use crate::devices::registry::Devices;
 use crate::devices::virtio::block::{Block, Disk, DiskError};
@@ -39,8 +41,6 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::event_loop::{EventLoop, QueueKick};
 use crate::lifecycle::Lifecycle;
-use crate::bus::lock;
-use crate::devices::legacy::persist::SerialState;
 use crate::snapshot::{self, BootFiles, RestoreConfig, SnapshotError};
 use crate::vcpu::Vcpu;
 use crate::vm::{Parts, Vm};
@@ -470,7 +470,8 @@ impl Platform {
             .collect();
         let device_stop = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Event)?;
         let stop = device_stop.try_clone().map_err(BuildError::Event)?;
-        let event_loop = EventLoop::new(self.kicks, self.transports, stop).map_err(BuildError::Event)?;
+        let event_loop =
+            EventLoop::new(self.kicks, self.transports, stop).map_err(BuildError::Event)?;
         Vm::start(Parts {
             vm: machine.vm,
             memory,

@@ -20,10 +20,10 @@ use cocoon_vmm::config::{
     ConsoleConfig, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, DiskConfig, NetConfig, VmConfig, VsockConfig,
 };
 use cocoon_vmm::lifecycle::ExitReason;
-use signals::StopSignals;
 use cocoon_vmm::snapshot::RestoreConfig;
 use cocoon_vmm::vm::Vm;
 use cocoon_vmm::{api, metrics};
+use signals::StopSignals;
 
 /// Boot a Linux guest in a minimal KVM microVM.
 #[derive(Parser, Debug)]
@@ -37,7 +37,12 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
     /// Extra kernel command-line options, appended to the built-in ones.
-    #[arg(long, value_name = "ARGS", allow_hyphen_values = true, conflicts_with = "restore")]
+    #[arg(
+        long,
+        value_name = "ARGS",
+        allow_hyphen_values = true,
+        conflicts_with = "restore"
+    )]
     cmdline: Option<String>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..), conflicts_with = "restore")]

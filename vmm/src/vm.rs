@@ -11,11 +11,11 @@
 //! stops the VM, the runtime forwards it to the container).
 
 use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -23,13 +23,13 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::{BuildError, Origin};
-use crate::snapshot::{self, RestoreConfig, SnapshotError, VmSnapshot};
-use crate::vcpu::persist::VcpuPersistError;
 use crate::bus::lock;
 use crate::config::{DiskConfig, VmConfig};
 use crate::devices::registry::Devices;
 use crate::event_loop::EventLoop;
 use crate::lifecycle::{ExitReason, Lifecycle};
+use crate::snapshot::{self, RestoreConfig, SnapshotError, VmSnapshot};
+use crate::vcpu::persist::VcpuPersistError;
 use crate::vcpu::{Request, Vcpu, VcpuControl, VcpuState, kick};
 
 /// Where the VM as a whole is.

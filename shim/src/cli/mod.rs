@@ -1,6 +1,7 @@
 //! The command line, as runc has it: global flags, then one verb per file in this folder.
 
 pub mod check;
+pub mod checkpoint;
 pub mod create;
 pub mod delete;
 pub mod events;
@@ -53,7 +54,7 @@ pub struct Global {
     /// Accepted for runc compatibility.
     #[arg(long, global = true, value_name = "VALUE", num_args = 0..=1, default_missing_value = "true")]
     pub rootless: Option<String>,
-    /// Accepted for runc compatibility; checkpointing is not supported.
+    /// Accepted for runc compatibility; checkpoints are VM snapshots, CRIU is not used.
     #[arg(long, global = true, value_name = "PATH")]
     pub criu: Option<PathBuf>,
 }
@@ -140,6 +141,51 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
+/// runc's CRIU options, accepted by `checkpoint` and `restore` for compatibility: a VM snapshot
+/// has all of a container's state, so they change nothing.
+#[derive(Args, Debug, Clone)]
+pub struct CriuArgs {
+    #[arg(long, value_name = "DIR")]
+    pub work_path: Option<PathBuf>,
+    #[arg(long)]
+    pub tcp_established: bool,
+    #[arg(long)]
+    pub file_locks: bool,
+    #[arg(long)]
+    pub ext_unix_sk: bool,
+    #[arg(long)]
+    pub shell_job: bool,
+}
+
+/// Flags of `checkpoint`.
+#[derive(Args, Debug, Clone)]
+pub struct CheckpointArgs {
+    /// Where to write the checkpoint.
+    #[arg(long, value_name = "DIR")]
+    pub image_path: PathBuf,
+    /// Keep the container running after the checkpoint.
+    #[arg(long)]
+    pub leave_running: bool,
+    #[command(flatten)]
+    pub criu: CriuArgs,
+    pub id: String,
+}
+
+/// Flags of `restore`.
+#[derive(Args, Debug, Clone)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub create: CreateArgs,
+    /// The checkpoint to restore.
+    #[arg(long, value_name = "DIR")]
+    pub image_path: PathBuf,
+    /// Return once the container runs.
+    #[arg(short, long)]
+    pub detach: bool,
+    #[command(flatten)]
+    pub criu: CriuArgs,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create a container: boot its microVM and prepare the process, stopped before exec.
@@ -175,6 +221,11 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Save a running container to a directory: a snapshot of its microVM. The container stops
+    /// unless --leave-running.
+    Checkpoint(CheckpointArgs),
+    /// Restore a checkpointed container (under its own id) and run it from where it was.
+    Restore(RestoreArgs),
     /// Suspend every process of the container: the microVM's vCPUs stop.
     Pause { id: String },
     /// Let a paused container go on.
@@ -216,7 +267,12 @@ pub enum Command {
     },
     /// Internal: the process that stands in for a container's init.
     #[command(hide = true)]
-    Monitor { id: String },
+    Monitor {
+        id: String,
+        /// Restore the sandbox from this checkpoint instead of booting it.
+        #[arg(long, value_name = "DIR")]
+        restore_from: Option<PathBuf>,
+    },
     /// Internal: the process that stands in for an exec'd process.
     #[command(hide = true)]
     ExecMonitor { id: String, exec_id: String },

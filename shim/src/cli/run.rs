@@ -23,5 +23,5 @@ pub fn run(global: &Global, args: &CreateArgs, detach: bool) -> Result<(), CliEr
     let path = dir.path.clone();
     // Other verbs (kill, state) must be able to lock the container while it runs.
     drop(dir);
-    crate::monitor::container::run(&path, &args.id, None, true)
+    crate::monitor::container::run(&path, &args.id, None, true, None)
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use oci_spec::runtime::ContainerState;
 
 use cocoon_agent_protocol::message::CreateContainer;
+use cocoon_runtime::checkpoint;
 use cocoon_runtime::control::{self, Reply, Request};
 use cocoon_runtime::launch::Launch;
 use cocoon_runtime::sandbox::disk_name;
@@ -28,7 +29,16 @@ use crate::stdio::Stdio;
 /// as it is created (`run`), and this process, being the container's process, runs the hooks
 /// `create` and `start` would. Without a `report_to` (under `run`), a container that could not
 /// be created or started is removed here.
-pub fn run(dir: &Path, id: &str, report_to: Option<File>, start: bool) -> ! {
+///
+/// With `restore_from` (a checkpoint directory), the sandbox is restored from its VM snapshot
+/// instead of booted, and the container in it goes on where it was checkpointed.
+pub fn run(
+    dir: &Path,
+    id: &str,
+    report_to: Option<File>,
+    start: bool,
+    restore_from: Option<&Path>,
+) -> ! {
     let set = block_forwarded_signals();
     let mut report_to = report_to;
     let container = Container::new(&dir.join(VSOCK_SOCKET), id);
@@ -43,8 +53,14 @@ pub fn run(dir: &Path, id: &str, report_to: Option<File>, start: bool) -> ! {
         }
     };
     let mut hooks_ran = false;
-    let result = open(dir, &container).and_then(|(sandbox, stdio)| {
-        if let Some(record) = &record {
+    let opened = match restore_from {
+        Some(checkpoint) => open_restored(dir, &container, checkpoint),
+        None => open(dir, &container),
+    };
+    let result = opened.and_then(|(sandbox, stdio)| {
+        if let Some(record) = &record
+            && restore_from.is_none()
+        {
             hooks_ran = true;
             start_with_hooks(&container, dir, record)?;
         }
@@ -92,6 +108,36 @@ fn start_with_hooks(container: &Container, dir: &Path, record: &Record) -> Resul
     let state = record.oci_state(status(dir, record).oci());
     hooks::run_warning(hook_list, Stage::Poststart, &state);
     Ok(())
+}
+
+/// The sandbox restored from a checkpoint's VM snapshot, with this container's images as its
+/// disks, and the guest re-seeded and told the time. The container's stdio stayed with the
+/// checkpointed VM's connections, which the restore reset: it runs detached.
+fn open_restored(
+    dir: &Path,
+    container: &Container,
+    checkpoint_dir: &Path,
+) -> Result<(Sandbox, Stdio), CliError> {
+    let checkpoint = checkpoint::read(checkpoint_dir)?;
+    if checkpoint.id != container.id() {
+        return Err(CliError::Other(format!(
+            "the checkpoint is of container {}: cocoon restores a container under its own id",
+            checkpoint.id
+        )));
+    }
+    let launch = Launch::read(dir)?;
+    crate::logging::phase("vm restoring");
+    let sandbox = Sandbox::restore(
+        &SandboxConfig::for_launch(&launch, container.vsock_socket()),
+        &checkpoint::vm_dir(checkpoint_dir),
+    )?;
+    let hostname = launch
+        .spec
+        .hostname()
+        .clone()
+        .unwrap_or_else(|| container.id().chars().take(64).collect());
+    sandbox.setup_guest(hostname)?;
+    Ok((sandbox, Stdio::detached()))
 }
 
 /// The sandbox booted, the guest named, stdio attached, the container created.
@@ -182,6 +228,24 @@ impl Held {
             Request::Resume => {
                 let pending = paused.take().ok_or(CliError::NotPaused(self.id.clone()))?;
                 self.resume_with(pending)
+            }
+            Request::Checkpoint { dir, leave_running } => {
+                std::fs::create_dir_all(&dir).map_err(CliError::io("create", &dir))?;
+                self.sandbox.snapshot(&checkpoint::vm_dir(&dir))?;
+                checkpoint::write(
+                    &dir,
+                    &checkpoint::Checkpoint {
+                        id: self.id.clone(),
+                    },
+                )?;
+                if !leave_running {
+                    // As runc leaves a checkpointed container: stopped. Our wait loop sees
+                    // the VM end and exits as killed.
+                    self.sandbox.stop();
+                } else if paused.is_none() {
+                    self.sandbox.resume()?;
+                }
+                Ok(())
             }
             // As with a frozen cgroup: SIGKILL ends the container at once, others wait.
             Request::Signal { signal, all } => match paused.as_mut() {

@@ -33,7 +33,8 @@ fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, MachineError> {
         chip_id,
         ..Default::default()
     };
-    vm.get_irqchip(&mut chip).map_err(kvm("read an interrupt controller"))?;
+    vm.get_irqchip(&mut chip)
+        .map_err(kvm("read an interrupt controller"))?;
     Ok(chip)
 }
 

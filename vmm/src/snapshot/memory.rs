@@ -65,7 +65,11 @@ fn resident(addr: *mut u8, len: usize) -> std::io::Result<Vec<u8>> {
 /// Writes guest RAM to `dir/memory.bin` and returns its layout. With `all_pages`, every page is
 /// written (RAM that is itself mapped from a file, whose untouched pages are not resident but
 /// are not zero either); otherwise only resident pages, the rest left as holes.
-pub fn save(mem: &GuestMemoryMmap, dir: &Path, all_pages: bool) -> Result<Vec<RegionLayout>, MemoryError> {
+pub fn save(
+    mem: &GuestMemoryMmap,
+    dir: &Path,
+    all_pages: bool,
+) -> Result<Vec<RegionLayout>, MemoryError> {
     let path = dir.join(MEMORY_FILE);
     let write_err = |source| MemoryError::Write {
         path: path.clone(),
@@ -139,7 +143,8 @@ pub fn map(dir: &Path, layout: &[RegionLayout]) -> Result<GuestMemoryMmap, Memor
             )));
         }
         want = want.max(end);
-        let size = usize::try_from(r.size).map_err(|_| MemoryError::Layout("region too large".into()))?;
+        let size =
+            usize::try_from(r.size).map_err(|_| MemoryError::Layout("region too large".into()))?;
         let file = file.try_clone().map_err(|source| MemoryError::Open {
             path: path.clone(),
             source,
@@ -150,8 +155,10 @@ pub fn map(dir: &Path, layout: &[RegionLayout]) -> Result<GuestMemoryMmap, Memor
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
             .map_err(|e| MemoryError::Map(e.to_string()))?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
-            .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", r.guest_addr)))?;
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                MemoryError::Layout(format!("region at {:#x} overflows", r.guest_addr))
+            })?;
         regions.push(region);
     }
     if have < want {
@@ -181,25 +188,33 @@ mod tests {
         ])
         .unwrap();
         mem.write_slice(b"low", GuestAddress(0x1234)).unwrap();
-        mem.write_slice(b"high", GuestAddress((1 << 32) + 0x10_0000)).unwrap();
+        mem.write_slice(b"high", GuestAddress((1 << 32) + 0x10_0000))
+            .unwrap();
         let layout = save(&mem, &dir, false).unwrap();
         assert_eq!(layout.len(), 2);
         assert_eq!(layout[1].file_offset, 1 << 20);
         let meta = std::fs::metadata(dir.join(MEMORY_FILE)).unwrap();
         assert_eq!(meta.len(), 3 << 20);
         use std::os::unix::fs::MetadataExt;
-        assert!(meta.blocks() * 512 < 1 << 20, "untouched RAM is not written");
+        assert!(
+            meta.blocks() * 512 < 1 << 20,
+            "untouched RAM is not written"
+        );
 
         let back = map(&dir, &layout).unwrap();
         let mut buf = [0u8; 4];
-        back.read_slice(&mut buf[..3], GuestAddress(0x1234)).unwrap();
+        back.read_slice(&mut buf[..3], GuestAddress(0x1234))
+            .unwrap();
         assert_eq!(&buf[..3], b"low");
-        back.read_slice(&mut buf, GuestAddress((1 << 32) + 0x10_0000)).unwrap();
+        back.read_slice(&mut buf, GuestAddress((1 << 32) + 0x10_0000))
+            .unwrap();
         assert_eq!(&buf, b"high");
         // Private: the clone's writes never reach the file another clone maps.
         back.write_slice(b"mine", GuestAddress(0x1234)).unwrap();
         let other = map(&dir, &layout).unwrap();
-        other.read_slice(&mut buf[..3], GuestAddress(0x1234)).unwrap();
+        other
+            .read_slice(&mut buf[..3], GuestAddress(0x1234))
+            .unwrap();
         assert_eq!(&buf[..3], b"low");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -209,7 +224,10 @@ mod tests {
         let dir = scratch("short");
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let layout = save(&mem, &dir, true).unwrap();
-        let f = std::fs::OpenOptions::new().write(true).open(dir.join(MEMORY_FILE)).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(MEMORY_FILE))
+            .unwrap();
         f.set_len(4096).unwrap();
         assert!(matches!(map(&dir, &layout), Err(MemoryError::Size { .. })));
         let mut bad = layout.clone();

@@ -121,10 +121,7 @@ pub enum SnapshotError {
         source: std::io::Error,
     },
     #[error("{path}: {source}")]
-    Format {
-        path: PathBuf,
-        source: FormatError,
-    },
+    Format { path: PathBuf, source: FormatError },
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -185,7 +182,11 @@ fn check_consistency(s: &VmSnapshot) -> Result<(), SnapshotError> {
             s.config.cpus
         ));
     }
-    if s.vcpus.iter().enumerate().any(|(i, v)| usize::from(v.id) != i) {
+    if s.vcpus
+        .iter()
+        .enumerate()
+        .any(|(i, v)| usize::from(v.id) != i)
+    {
         return bad("vCPU states out of order".into());
     }
     if s.devices.len() != s.config.virtio_devices() {
@@ -229,7 +230,10 @@ pub fn check_boot_files(s: &VmSnapshot, expect: &VmConfig) -> Result<(), Snapsho
                     len: 0,
                     modified_ns: 0,
                 };
-                let (a, b) = (a.cloned().unwrap_or_else(none), b.cloned().unwrap_or_else(none));
+                let (a, b) = (
+                    a.cloned().unwrap_or_else(none),
+                    b.cloned().unwrap_or_else(none),
+                );
                 return Err(SnapshotError::BootFiles {
                     what,
                     snapshot: a.path,

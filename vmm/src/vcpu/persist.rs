@@ -50,7 +50,11 @@ fn kvm(vcpu: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuPe
 
 /// Reads the MSRs of `indices` that this vCPU has; KVM stops a batch at the first it cannot
 /// read, which is left out and the rest read again.
-fn read_msrs(fd: &VcpuFd, vcpu: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuPersistError> {
+fn read_msrs(
+    fd: &VcpuFd,
+    vcpu: u8,
+    indices: &[u32],
+) -> Result<Vec<kvm_msr_entry>, VcpuPersistError> {
     let mut out = Vec::with_capacity(indices.len());
     let mut rest = indices;
     while !rest.is_empty() {
@@ -76,7 +80,11 @@ fn read_msrs(fd: &VcpuFd, vcpu: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry
 /// Saves the vCPU. First completes any I/O the last exit left pending inside KVM (an MMIO read
 /// whose data we supplied is only finished by the next `KVM_RUN`): a run with immediate exit
 /// finishes it and returns at once.
-pub fn save(fd: &mut VcpuFd, vcpu: u8, msr_indices: &[u32]) -> Result<VcpuSnapshot, VcpuPersistError> {
+pub fn save(
+    fd: &mut VcpuFd,
+    vcpu: u8,
+    msr_indices: &[u32],
+) -> Result<VcpuSnapshot, VcpuPersistError> {
     fd.set_kvm_immediate_exit(1);
     let _ = fd.run();
     fd.set_kvm_immediate_exit(0);
@@ -88,13 +96,19 @@ pub fn save(fd: &mut VcpuFd, vcpu: u8, msr_indices: &[u32]) -> Result<VcpuSnapsh
         cpuid: cpuid.as_slice().to_vec(),
         mp_state: fd.get_mp_state().map_err(kvm(vcpu, "read the MP state"))?,
         regs: fd.get_regs().map_err(kvm(vcpu, "read registers"))?,
-        sregs: fd.get_sregs().map_err(kvm(vcpu, "read special registers"))?,
+        sregs: fd
+            .get_sregs()
+            .map_err(kvm(vcpu, "read special registers"))?,
         xsave: fd.get_xsave().map_err(kvm(vcpu, "read XSAVE state"))?,
         xcrs: fd.get_xcrs().ok(),
-        debugregs: fd.get_debug_regs().map_err(kvm(vcpu, "read debug registers"))?,
+        debugregs: fd
+            .get_debug_regs()
+            .map_err(kvm(vcpu, "read debug registers"))?,
         lapic: fd.get_lapic().map_err(kvm(vcpu, "read the LAPIC"))?,
         msrs: read_msrs(fd, vcpu, msr_indices)?,
-        events: fd.get_vcpu_events().map_err(kvm(vcpu, "read vCPU events"))?,
+        events: fd
+            .get_vcpu_events()
+            .map_err(kvm(vcpu, "read vCPU events"))?,
         tsc_khz: fd.get_tsc_khz().ok(),
     })
 }
@@ -112,7 +126,8 @@ pub fn restore(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), VcpuPersistError> {
     if let Some(khz) = s.tsc_khz
         && fd.get_tsc_khz().ok() != Some(khz)
     {
-        fd.set_tsc_khz(khz).map_err(kvm(vcpu, "set the TSC frequency"))?;
+        fd.set_tsc_khz(khz)
+            .map_err(kvm(vcpu, "set the TSC frequency"))?;
     }
     fd.set_mp_state(s.mp_state)
         .map_err(kvm(vcpu, "set the MP state"))?;
