@@ -92,6 +92,7 @@ bench: kernel initramfs rootfs debian-image vmm cocoon
 	python3 bench/vsock.py
 	python3 bench/net.py
 	python3 bench/agent.py
+	python3 bench/snapshot.py
 	python3 bench/runtime.py
 
 # Install like a runtime: the binaries in $(PREFIX)/bin, the kernel and initramfs where the

@@ -26,6 +26,8 @@ pub struct BootImage {
     pos: u64,
     len: u64,
     mapped_bytes: u64,
+    /// Host ranges `(address, length)` now mapped from the file.
+    mapped: Vec<(usize, usize)>,
 }
 
 impl BootImage {
@@ -36,6 +38,7 @@ impl BootImage {
             pos: 0,
             len,
             mapped_bytes: 0,
+            mapped: Vec::new(),
         })
     }
 
@@ -51,6 +54,13 @@ impl BootImage {
     /// How many bytes were mapped instead of copied.
     pub fn mapped_bytes(&self) -> u64 {
         self.mapped_bytes
+    }
+
+    /// The host ranges of guest RAM mapped from the file. Their pages hold the file's bytes
+    /// whether or not the guest touched them, and are resident only as far as the host's page
+    /// cache happens to hold the file: a snapshot must save them whole.
+    pub fn mapped_ranges(&self) -> &[(usize, usize)] {
+        &self.mapped
     }
 
     /// Maps the whole pages of the next `want` bytes at `dst`, if alignment allows.
@@ -81,6 +91,7 @@ impl BootImage {
         }
         self.pos += whole;
         self.mapped_bytes += whole;
+        self.mapped.push((dst as usize, whole as usize));
         Some(whole)
     }
 }

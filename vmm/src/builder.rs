@@ -142,12 +142,13 @@ pub fn build(
     phase(started, "vm and memory ready");
 
     // Kernel and initramfs.
-    let entry = load_kernel(&mem, config)?;
+    let mut file_mapped = Vec::new();
+    let entry = load_kernel(&mem, config, &mut file_mapped)?;
     phase(started, "kernel loaded");
     let initrd = config
         .initrd
         .as_ref()
-        .map(|path| load_initrd(&mem, path))
+        .map(|path| load_initrd(&mem, path, &mut file_mapped))
         .transpose()?;
     phase(started, "initramfs loaded");
 
@@ -245,6 +246,7 @@ pub fn build(
             config: config.clone(),
             boot_files,
             memory_from_file: false,
+            file_mapped,
         },
     )?;
     phase(started, "vCPUs parked");
@@ -322,6 +324,7 @@ pub fn restore(
             config,
             boot_files: snapshot.boot_files,
             memory_from_file: true,
+            file_mapped: Vec::new(),
         },
     )?;
     phase(started, "vCPUs parked");
@@ -370,6 +373,8 @@ pub(crate) struct Origin {
     pub boot_files: BootFiles,
     /// RAM is a private mapping of a snapshot's memory file (a restored VM).
     pub memory_from_file: bool,
+    /// Host ranges of RAM mapped from the kernel and initramfs files (a booted VM).
+    pub file_mapped: Vec<(usize, usize)>,
 }
 
 /// The buses and devices, as they are being put together.
@@ -513,7 +518,12 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<(usize, usize
     Ok(mappings)
 }
 
-fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<u64, BuildError> {
+/// Loads the kernel; the host ranges it mapped from the file are added to `mapped`.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    mapped: &mut Vec<(usize, usize)>,
+) -> Result<u64, BuildError> {
     let path = &config.kernel;
     let open_err = |source| BuildError::Open {
         what: "kernel",
@@ -531,6 +541,7 @@ fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<u64, BuildErr
         mapped_bytes = image.mapped_bytes(),
         "kernel segments mapped from the image"
     );
+    mapped.extend_from_slice(image.mapped_ranges());
     match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Ok(entry.0),
         _ => Err(BuildError::NoPvhEntry(path.clone())),
@@ -539,7 +550,11 @@ fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<u64, BuildErr
 
 /// Loads the initramfs at the top of low RAM (page aligned), where the kernel will not have
 /// placed itself.
-fn load_initrd(mem: &GuestMemoryMmap, path: &PathBuf) -> Result<pvh::Initrd, BuildError> {
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &PathBuf,
+    mapped: &mut Vec<(usize, usize)>,
+) -> Result<pvh::Initrd, BuildError> {
     let open_err = |source| BuildError::Open {
         what: "initramfs",
         path: path.clone(),
@@ -563,6 +578,7 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &PathBuf) -> Result<pvh::Initrd, Bui
             path: path.clone(),
             source,
         })?;
+    mapped.extend_from_slice(image.mapped_ranges());
     Ok(pvh::Initrd { addr, size })
 }
 

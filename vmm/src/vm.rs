@@ -414,7 +414,12 @@ impl Vm {
         let machine = snapshot::machine::save(&self.vm_fd)?;
         let guards: Vec<_> = self.devices.virtio().map(|(id, t)| (id, lock(t))).collect();
         let origin = lock(&self.origin);
-        let memory = snapshot::memory::save(&self.memory, dir, origin.memory_from_file)?;
+        let memory = snapshot::memory::save(
+            &self.memory,
+            dir,
+            origin.memory_from_file,
+            &origin.file_mapped,
+        )?;
         let devices = guards
             .iter()
             .map(|(id, transport)| (id.to_string(), transport.save()))

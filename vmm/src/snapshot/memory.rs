@@ -64,11 +64,14 @@ fn resident(addr: *mut u8, len: usize) -> std::io::Result<Vec<u8>> {
 
 /// Writes guest RAM to `dir/memory.bin` and returns its layout. With `all_pages`, every page is
 /// written (RAM that is itself mapped from a file, whose untouched pages are not resident but
-/// are not zero either); otherwise only resident pages, the rest left as holes.
+/// are not zero either); otherwise the pages in `file_mapped` (host ranges mapped from the boot
+/// files, whose residency says only what the page cache holds) and every resident page, the
+/// rest left as holes.
 pub fn save(
     mem: &GuestMemoryMmap,
     dir: &Path,
     all_pages: bool,
+    file_mapped: &[(usize, usize)],
 ) -> Result<Vec<RegionLayout>, MemoryError> {
     let path = dir.join(MEMORY_FILE);
     let write_err = |source| MemoryError::Write {
@@ -86,11 +89,12 @@ pub fn save(
             size: len as u64,
             file_offset: offset,
         });
-        let flags = if all_pages {
+        let mut flags = if all_pages {
             vec![1u8; len.div_ceil(PAGE)]
         } else {
             resident(host, len).map_err(write_err)?
         };
+        mark_file_mapped(&mut flags, host as usize, len, file_mapped);
         let mut page = 0;
         while page < flags.len() {
             if flags[page] & 1 == 0 {
@@ -113,6 +117,21 @@ pub fn save(
     }
     file.set_len(offset).map_err(write_err)?;
     Ok(layout)
+}
+
+/// Marks the pages of the region at `base` (`len` bytes) that `file_mapped` ranges cover.
+fn mark_file_mapped(flags: &mut [u8], base: usize, len: usize, file_mapped: &[(usize, usize)]) {
+    for &(start, size) in file_mapped {
+        let from = start.max(base);
+        let to = start.saturating_add(size).min(base + len);
+        if from >= to {
+            continue;
+        }
+        let pages = (from - base) / PAGE..(to - base).div_ceil(PAGE);
+        for flag in &mut flags[pages] {
+            *flag = 1;
+        }
+    }
 }
 
 /// Maps `dir/memory.bin` as guest RAM with the given layout, privately (copy on write).
@@ -190,7 +209,7 @@ mod tests {
         mem.write_slice(b"low", GuestAddress(0x1234)).unwrap();
         mem.write_slice(b"high", GuestAddress((1 << 32) + 0x10_0000))
             .unwrap();
-        let layout = save(&mem, &dir, false).unwrap();
+        let layout = save(&mem, &dir, false, &[]).unwrap();
         assert_eq!(layout.len(), 2);
         assert_eq!(layout[1].file_offset, 1 << 20);
         let meta = std::fs::metadata(dir.join(MEMORY_FILE)).unwrap();
@@ -220,10 +239,28 @@ mod tests {
     }
 
     #[test]
+    fn pages_mapped_from_boot_files_are_saved_even_when_not_resident() {
+        let mut flags = vec![0u8; 8];
+        let base = 0x10_0000;
+        // Two ranges: one inside, one hanging over the region's end, one elsewhere.
+        mark_file_mapped(
+            &mut flags,
+            base,
+            8 * PAGE,
+            &[
+                (base + PAGE, 2 * PAGE),
+                (base + 7 * PAGE, 4 * PAGE),
+                (0x9000_0000, PAGE),
+            ],
+        );
+        assert_eq!(flags, [0, 1, 1, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
     fn a_short_or_misaligned_file_is_refused() {
         let dir = scratch("short");
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let layout = save(&mem, &dir, true).unwrap();
+        let layout = save(&mem, &dir, true, &[]).unwrap();
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(dir.join(MEMORY_FILE))
