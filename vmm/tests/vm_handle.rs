@@ -14,7 +14,7 @@ use cocoon_vmm::lifecycle::ExitReason;
 use cocoon_vmm::vcpu::VcpuState;
 use cocoon_vmm::vm::{Vm, VmError, VmState};
 
-const ENTRY: u64 = 0x10_0000;
+use cocoon_tests::{TINY_GUEST_ENTRY as ENTRY, pvh_elf};
 
 fn kvm_or_skip(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
@@ -26,51 +26,6 @@ fn kvm_or_skip(test: &str) -> bool {
     );
     eprintln!("SKIPPED {test}: /dev/kvm is missing");
     false
-}
-
-/// A minimal ELF "kernel" whose PVH entry runs `code` in 32-bit protected mode at `ENTRY`.
-fn pvh_elf(code: &[u8]) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    const NOTE_OFF: usize = EHDR + 2 * PHDR;
-    const CODE_OFF: usize = 0x1000;
-    let mut note = Vec::new();
-    note.extend_from_slice(&4u32.to_le_bytes());
-    note.extend_from_slice(&4u32.to_le_bytes());
-    note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
-    note.extend_from_slice(b"Xen\0");
-    note.extend_from_slice(&(ENTRY as u32).to_le_bytes());
-    let mut elf = vec![0u8; CODE_OFF + code.len()];
-    elf[..16].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    let mut put = |off: usize, bytes: &[u8]| elf[off..off + bytes.len()].copy_from_slice(bytes);
-    put(16, &2u16.to_le_bytes());
-    put(18, &0x3eu16.to_le_bytes());
-    put(20, &1u32.to_le_bytes());
-    put(24, &ENTRY.to_le_bytes());
-    put(32, &(EHDR as u64).to_le_bytes());
-    put(52, &(EHDR as u16).to_le_bytes());
-    put(54, &(PHDR as u16).to_le_bytes());
-    put(56, &2u16.to_le_bytes());
-    put(58, &64u16.to_le_bytes());
-    let load = EHDR;
-    put(load, &1u32.to_le_bytes());
-    put(load + 4, &5u32.to_le_bytes());
-    put(load + 8, &(CODE_OFF as u64).to_le_bytes());
-    put(load + 16, &ENTRY.to_le_bytes());
-    put(load + 24, &ENTRY.to_le_bytes());
-    put(load + 32, &(code.len() as u64).to_le_bytes());
-    put(load + 40, &(code.len() as u64).to_le_bytes());
-    put(load + 48, &0x1000u64.to_le_bytes());
-    let pnote = EHDR + PHDR;
-    put(pnote, &4u32.to_le_bytes());
-    put(pnote + 4, &4u32.to_le_bytes());
-    put(pnote + 8, &(NOTE_OFF as u64).to_le_bytes());
-    put(pnote + 32, &(note.len() as u64).to_le_bytes());
-    put(pnote + 40, &(note.len() as u64).to_le_bytes());
-    put(pnote + 48, &4u64.to_le_bytes());
-    put(NOTE_OFF, &note);
-    put(CODE_OFF, code);
-    elf
 }
 
 struct Kernel(PathBuf);

@@ -12,7 +12,6 @@ use vm_superio::Serial;
 use vm_superio::serial::NoEvents;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::i8042::I8042;
 use super::serial::{IrqTrigger, SerialConsole};
 
 /// The 16550A's receive FIFO (vm-superio refuses more).
@@ -123,33 +122,12 @@ impl SerialConsole {
     }
 }
 
-/// The i8042 has no state of its own; this exists so a snapshot says so explicitly.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct I8042State {}
-
-impl I8042State {
-    pub fn save(_: &I8042) -> I8042State {
-        I8042State {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::bus::BusDevice;
-    use std::sync::{Arc, Mutex};
 
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::devices::legacy::serial::tests::Shared;
 
     const LCR: u64 = 3;
     const IER: u64 = 1;
