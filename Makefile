@@ -75,7 +75,7 @@ cocoon: kernel initramfs
 demo: kernel initramfs rootfs cocoon
 	@images/make-bundle.sh $(COCOON_BIN) $(BUILD)/demo-bundle $(COCOON_BUSYBOX_DIR) \
 		sh -c 'echo "hello from a cocoon microVM: guest kernel $$(uname -r), host kernel '"$$(uname -r)"'"'
-	@echo "cocoon run: booting a microVM for the container (about 20 s on a PVM host, where guest kernel code is emulated)..."
+	@echo "cocoon run: the container's microVM is restored from a template; the first run boots one and saves it (about 20 s on a PVM host, where guest kernel code is emulated)..."
 	@$(COCOON_BIN) --root $(BUILD)/run delete --force demo
 	$(COCOON_BIN) --root $(BUILD)/run run --bundle $(BUILD)/demo-bundle demo
 	@$(COCOON_BIN) --root $(BUILD)/run delete demo
@@ -94,6 +94,7 @@ bench: kernel initramfs rootfs debian-image vmm cocoon
 	python3 bench/agent.py
 	python3 bench/snapshot.py
 	python3 bench/runtime.py
+	python3 bench/template.py
 
 # Install like a runtime: the binaries in $(PREFIX)/bin, the kernel and initramfs where the
 # runtime looks beside its binary ($(PREFIX)/lib/cocoon). No configuration is written: engines

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""`cocoon run` end to end and by phase, next to runc, runsc (gVisor, ptrace platform) and crun
-running the same bundle in the same benchmark run, for three workloads:
+"""`cocoon run` end to end and by phase, restored from a template and booted cold
+(`--no-template`), next to runc, runsc (gVisor, ptrace platform) and crun running the same bundle
+in the same benchmark run, for three workloads:
   busybox `true`          the busybox test image, one layer
   debian `python3 -c pass` the Debian test image (bookworm minbase + python3-minimal and
                           nginx-light), two layers: minbase and the packages on top of it
@@ -9,32 +10,48 @@ running the same bundle in the same benchmark run, for three workloads:
 
 Each bundle's rootfs is an overlay mount of its layers, as engines hand it over, so the first
 cocoon run of an image builds its layer images (cold) and later runs find them in the cache.
+The template (a snapshot of a booted VM of the workloads' size: 1 vCPU, 256 MiB, 8 disk slots)
+is made ahead with `cocoon template create` in a template_dir of the benchmark's own, so every
+template run measures a restore, never the template's making; its making is reported apart.
+Cold runs come after the template runs, so they find the layer images cached.
 Phases come from `cocoon --debug --log-format json` (milliseconds since the process started):
-  images   bundle checked -> root filesystem images ready
-  vmm      images ready -> VM starting (the monitor set up; the VMM itself starts in ~3 ms)
-  boot     VM starting -> the guest agent answers
-  create   agent up -> container created (stdio attached, rootfs mounted in the guest, ...)
-  run      created -> the container's process exited (start, workload, exit reported)
-  exit     process exited -> `cocoon run` returned
-Usage: bench/runtime.py [--runs N] [--workload busybox|python|nginx]...
+  images     bundle checked -> root filesystem images ready
+  vmm        images ready -> VM starting (the monitor set up)
+  restore    VM starting -> VM restored (template lookup, snapshot loaded, disks swapped in)
+  agent      VM restored -> the guest agent answers
+  boot       (cold) VM starting -> the guest agent answers
+  identity   agent up -> identity set (hostname, clock, entropy, boot id given to the guest)
+  create     identity set -> container created (layer disks attached, rootfs mounted, ...)
+  start      container created -> container started
+  run+exit   container started -> the container's process exited (workload, exit reported)
+  monitor exit  process exited -> `cocoon run` returned
+Usage: bench/runtime.py [--runs N] [--cold-runs M] [--workload busybox|python|nginx]...
+  --runs       template runs, and runs of each peer runtime (or BENCH_RUNS)
+  --cold-runs  cold (--no-template) runs (or BENCH_COLD_RUNS)
+By default busybox has 5 template runs and 2 cold ones, python and nginx (whose workloads take
+15-50 s in the guest here) 3 and 1, which keeps the three workloads to about 9 minutes.
 """
 import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from selftest_vm import ROOT, summary
+from selftest_vm import ROOT, pin_cocoon, summary
 
 COCOON = os.environ.get("COCOON_BIN", os.path.join(ROOT, "target/release/cocoon"))
 BUSYBOX = os.environ.get("COCOON_BUSYBOX_DIR", os.path.join(ROOT, "build/busybox-rootfs"))
 DEBIAN = os.environ.get("COCOON_DEBIAN_ROOTFS", os.path.join(ROOT, "build/debian/rootfs"))
 DEBIAN_BASE = os.path.join(os.path.dirname(DEBIAN), "minbase")
-PHASES = ["bundle checked", "images ready", "vm starting", "agent up", "container created",
-          "container exited"]
+COMMON = ["bundle checked", "images ready", "vm starting", "agent up", "identity set",
+          "container created", "container started", "container exited"]
+PHASES = {"template": COMMON + ["template ready", "vm restored"], "cold": COMMON + ["vm running"]}
+# A binary older than the phase logs none; its time is then part of `create`.
+OPTIONAL = {"identity set"}
 
 # Starts nginx (it daemonizes), then asks it for / over loopback until it answers.
 FETCH_FIRST_PAGE = """
@@ -54,6 +71,9 @@ while True:
             raise
         time.sleep(0.05)
 """
+
+# Template runs and cold runs of each workload unless --runs/--cold-runs say otherwise.
+DEFAULT_RUNS = {"busybox": (5, 2), "python": (3, 1), "nginx": (3, 1)}
 
 WORKLOADS = {
     "busybox": ("busybox `true`", [BUSYBOX], ["true"]),
@@ -97,39 +117,76 @@ def make_bundle(tmp, name, trees, args):
     return bundle
 
 
+# The environment cocoon runs in: the pinned copies of the binary, kernel and initramfs.
+BASE_ENV = dict(os.environ)
+
+
 def timed(cmd, env=None):
     start = time.monotonic()
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     return time.monotonic() - start, proc
 
 
-def cocoon_run(bundle, tmp, n, env):
-    log = os.path.join(tmp, f"cocoon-{n}.log")
+def write_config(path, tmp, workload):
+    """A configuration of this benchmark's own: its template directory (shared by the
+    workloads, which have one VM size) and the workload's own layer cache, so its first run
+    builds the layer images."""
+    with open(path, "w") as f:
+        f.write(f'template_dir = "{tmp}/templates"\n'
+                f'layer_cache = "{tmp}/{workload}-layers"\n')
+
+
+def make_template(tmp):
+    """Makes the template ahead (a boot and a snapshot) and returns the seconds it took."""
+    config = os.path.join(tmp, "template.toml")
+    write_config(config, tmp, "template")
+    env = dict(BASE_ENV, COCOON_CONFIG=config)
+    wall, proc = timed([COCOON, "template", "create"], env)
+    if proc.returncode != 0:
+        sys.exit(f"cocoon template create failed ({proc.returncode}): {proc.stderr.strip()}")
+    return wall
+
+
+def cocoon_run(bundle, tmp, name, env, mode):
+    log = os.path.join(tmp, f"cocoon-{name}.log")
     root = os.path.join(tmp, "cocoon-root")
+    flags = ["--no-template"] if mode == "cold" else []
     wall, proc = timed([COCOON, "--root", root, "--log", log, "--log-format", "json", "--debug",
-                        "run", "--bundle", bundle, f"b{n}"], env)
-    subprocess.run([COCOON, "--root", root, "delete", "--force", f"b{n}"],
+                        "run", *flags, "--bundle", bundle, name], env)
+    subprocess.run([COCOON, "--root", root, "delete", "--force", name],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if proc.returncode != 0:
-        sys.exit(f"cocoon run failed ({proc.returncode}): {proc.stderr.strip()}")
+        sys.exit(f"cocoon run ({mode}) failed ({proc.returncode}): {proc.stderr.strip()}")
     marks = {}
     with open(log) as f:
         for line in f:
             entry = json.loads(line)
-            if entry.get("phase") in PHASES:
+            if entry.get("phase") in PHASES[mode]:
                 marks[entry["phase"]] = float(entry["elapsed_ms"]) / 1000
-    missing = [p for p in PHASES if p not in marks]
+    missing = [p for p in PHASES[mode] if p not in marks and p not in OPTIONAL]
     if missing:
-        sys.exit(f"cocoon's log lacks phases {missing}")
-    return {
+        sys.exit(f"cocoon's log ({mode}) lacks phases {missing}")
+    identity = marks.get("identity set", marks["agent up"])
+    times = {
         "images": marks["images ready"] - marks["bundle checked"],
         "vmm": marks["vm starting"] - marks["images ready"],
-        "boot": marks["agent up"] - marks["vm starting"],
-        "create": marks["container created"] - marks["agent up"],
-        "run": marks["container exited"] - marks["container created"],
+        "sandbox": marks["agent up"] - marks["vm starting"],
+        "identity": identity - marks["agent up"] if "identity set" in marks else None,
+        "create": marks["container created"] - identity,
+        "start": marks["container started"] - marks["container created"],
+        "run": marks["container exited"] - marks["container started"],
         "exit": wall - marks["container exited"],
         "total": wall,
     }
+    if mode == "template":
+        times["restore"] = marks["vm restored"] - marks["vm starting"]
+        times["agent"] = marks["agent up"] - marks["vm restored"]
+        if times["restore"] > 5:
+            print(f"warning: run {name}'s restore took {times['restore']:.1f} s: "
+                  "was the template made again?", file=sys.stderr)
+    else:
+        times["boot"] = times["sandbox"]
+    return times
 
 
 def peer_run(name, cmd, bundle, tmp, n):
@@ -142,7 +199,18 @@ def peer_run(name, cmd, bundle, tmp, n):
     return wall, None
 
 
-def bench(workload, runs, tmp):
+def figure(label, value, unit="(s)"):
+    print(f"{label:<40}{unit}  {value}")
+
+
+def rows(mode, runs, keys):
+    for key, what in keys:
+        values = [r[key] for r in runs if r[key] is not None]
+        figure(f"cocoon {mode} {what}",
+               summary(values, '{:.3f}') if values else "not logged by this binary")
+
+
+def bench(workload, runs, cold_runs, tmp, template_secs):
     label, trees, args = WORKLOADS[workload]
     for path in (COCOON, *trees):
         if not os.path.exists(path):
@@ -150,15 +218,13 @@ def bench(workload, runs, tmp):
     peers = {"runc": ["runc"], "runsc": ["runsc", "--platform=ptrace", "--network=none"],
              "crun": ["crun"]}
     bundle = make_bundle(tmp, workload, trees, args)
-    # A layer cache of this workload's own, so its first run is cold.
     config = os.path.join(tmp, f"{workload}.toml")
-    with open(config, "w") as f:
-        f.write(f'layer_cache = "{tmp}/{workload}-layers"\n')
-    env = dict(os.environ, COCOON_CONFIG=config)
+    write_config(config, tmp, workload)
+    env = dict(BASE_ENV, COCOON_CONFIG=config)
     try:
-        cocoon, times, errors = [], {p: [] for p in peers}, {}
+        template, cold, times, errors = [], [], {p: [] for p in peers}, {}
         for n in range(runs):
-            cocoon.append(cocoon_run(bundle, tmp, n, env))
+            template.append(cocoon_run(bundle, tmp, f"{workload}-t{n}", env, "template"))
             for name, cmd in peers.items():
                 if not shutil.which(cmd[0]) or name in errors:
                     errors.setdefault(name, "not installed")
@@ -168,44 +234,75 @@ def bench(workload, runs, tmp):
                     errors[name] = error
                 else:
                     times[name].append(wall)
-            c = cocoon[-1]
-            print(f"{workload} run {n + 1}/{runs}: cocoon {c['total']:.2f} s (images {c['images']:.3f} s), "
+            c = template[-1]
+            print(f"{workload} run {n + 1}/{runs}: cocoon (template) {c['total']:.2f} s "
+                  f"(images {c['images']:.3f} s, restore {c['restore']:.3f} s), "
                   + ", ".join(f"{p} {times[p][-1]:.3f} s" for p in peers if times[p]),
                   file=sys.stderr)
+        for n in range(cold_runs):
+            cold.append(cocoon_run(bundle, tmp, f"{workload}-c{n}", env, "cold"))
+            c = cold[-1]
+            print(f"{workload} cold run {n + 1}/{cold_runs}: cocoon (--no-template) "
+                  f"{c['total']:.2f} s (boot {c['boot']:.2f} s)", file=sys.stderr)
     finally:
         subprocess.run(["umount", os.path.join(bundle, "rootfs")])
-    print(f"runtime benchmark: `run` of {label}, {runs} runs each "
-          "(overlay rootfs; 256 MiB, 1 vCPU for cocoon)")
-    print(f"cocoon images, cold (first run)     (s)  {cocoon[0]['images']:.3f}")
-    print(f"cocoon end to end, first run        (s)  {cocoon[0]['total']:.3f}")
-    cached = cocoon[1:] or cocoon
-    if len(cocoon) > 1:
-        print(f"cocoon images, cached               (s)  {summary([c['images'] for c in cached], '{:.3f}')}")
-    for key, label in [("vmm", "monitor + VMM set-up"), ("boot", "guest boot to agent"),
-                       ("create", "container create"), ("run", "start, run, exit reported"),
-                       ("exit", "monitor exit")]:
-        print(f"cocoon {label:<29}(s)  {summary([c[key] for c in cached], '{:.3f}')}")
-    total = [c["total"] for c in cached]
-    print(f"cocoon end to end, cached           (s)  {summary(total, '{:.3f}')}")
-    median = sorted(total)[len(total) // 2]
+    print(f"runtime benchmark: `run` of {label}, {runs} template runs, {cold_runs} cold runs, "
+          f"{runs} runs of each peer (overlay rootfs; 256 MiB, 1 vCPU for cocoon)")
+    figure("cocoon template create, ahead (once)", f"{template_secs:.3f}")
+    figure("cocoon images, cold (first run)", f"{template[0]['images']:.3f}")
+    figure("cocoon end to end, first run", f"{template[0]['total']:.3f}")
+    # The first run built the layer images; the others (and every cold run) found them cached.
+    cached = template[1:] or template
+    if len(template) > 1:
+        figure("cocoon images, cached", summary([c['images'] for c in cached], '{:.3f}'))
+    steps = [("identity", "identity"), ("create", "container create"), ("start", "start"),
+             ("run", "run+exit reported"), ("exit", "monitor exit")]
+    rows("template", cached, [("vmm", "monitor set-up"), ("restore", "restore"),
+                              ("agent", "agent"), *steps, ("total", "end to end")])
+    if cold:
+        rows("cold", cold, [("vmm", "monitor set-up"), ("boot", "boot to agent"),
+                            *steps, ("total", "end to end")])
+    median = statistics.median(c["total"] for c in cached)
+    if cold:
+        cold_median = statistics.median(c["total"] for c in cold)
+        ready = statistics.median(c["sandbox"] for c in cached)
+        cold_ready = statistics.median(c["sandbox"] for c in cold)
+        print(f"template speed-up vs cold = {cold_median / median:.1f}x end to end, "
+              f"{cold_ready / ready:.0f}x VM start to agent up")
     for name in peers:
         if times[name]:
-            peer_median = sorted(times[name])[len(times[name]) // 2]
-            print(f"{name + ' run end to end':<36}(s)  {summary(times[name], '{:.3f}')}"
-                  f"   cocoon/{name} = {median / peer_median:.1f}")
+            peer_median = statistics.median(times[name])
+            ratios = f"cocoon/{name} = {median / peer_median:.1f}"
+            if cold:
+                ratios += f" (cold {cold_median / peer_median:.1f})"
+            figure(f"{name} run end to end", f"{summary(times[name], '{:.3f}')}   {ratios}")
         else:
-            print(f"{name + ' run':<36}     did not run: {errors.get(name)}")
+            figure(f"{name} run", f"did not run: {errors.get(name)}", unit="   ")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", "3")))
+    env_runs, env_cold = os.environ.get("BENCH_RUNS"), os.environ.get("BENCH_COLD_RUNS")
+    parser.add_argument("--runs", type=int, default=int(env_runs) if env_runs else None,
+                        help="template runs, and runs of each peer (default 5 for busybox, "
+                        "3 for the others)")
+    parser.add_argument("--cold-runs", type=int, default=int(env_cold) if env_cold else None,
+                        help="cold (--no-template) runs, ~25 s more each (default 2 for "
+                        "busybox, 1 for the others)")
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
                         help="repeatable; all three by default")
     args = parser.parse_args()
+    if (args.runs is not None and args.runs < 1) or (args.cold_runs is not None
+                                                      and args.cold_runs < 0):
+        parser.error("--runs must be at least 1, --cold-runs at least 0")
+    global COCOON, BASE_ENV
     with tempfile.TemporaryDirectory() as tmp:
+        COCOON, BASE_ENV = pin_cocoon(tmp, COCOON)
+        template_secs = make_template(tmp)
         for workload in args.workload or ["busybox", "python", "nginx"]:
-            bench(workload, args.runs, tmp)
+            runs, cold_runs = DEFAULT_RUNS[workload]
+            bench(workload, runs if args.runs is None else args.runs,
+                  cold_runs if args.cold_runs is None else args.cold_runs, tmp, template_secs)
 
 
 if __name__ == "__main__":

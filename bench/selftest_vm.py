@@ -107,3 +107,21 @@ class SelftestVm:
                 self.vmm.kill()
                 self.vmm.wait()
         self.tmp.cleanup()
+
+
+def pin_cocoon(dest, cocoon):
+    """Copies the cocoon binary, the guest kernel and the initramfs into `dest` and returns the
+    copy of the binary and an environment that has cocoon use the copies. A template's inputs
+    include these files (path, size, mtime), so a rebuild of one while a benchmark runs (by
+    anyone sharing the checkout) would have the next sandbox make the template anew; with
+    copies, every sandbox of the run restores the template the run made."""
+    import shutil
+    pinned = {}
+    for name, path in (("cocoon", cocoon), ("vmlinux", KERNEL), ("initramfs.cpio", INITRD)):
+        if not os.path.exists(path):
+            sys.exit(f"{path} is missing: run `make bench`")
+        pinned[name] = os.path.join(dest, name)
+        shutil.copy2(os.path.realpath(path), pinned[name])
+    env = dict(os.environ, COCOON_KERNEL=pinned["vmlinux"], COCOON_INITRD=pinned["initramfs.cpio"],
+               COCOON_BIN=pinned["cocoon"])
+    return pinned["cocoon"], env

@@ -10,12 +10,13 @@ use std::time::Duration;
 use cocoon_agent_protocol::client::{AgentClient, ClientError};
 use cocoon_agent_protocol::frame::{read_frame, write_frame};
 use cocoon_agent_protocol::message::{
-    ContainerStatus, ErrorKind, ExecProcess, GuestSetup, ReplyEnvelope, StdioConfig, StdioStream,
+    ContainerStatus, CreateContainer, ErrorKind, ExecProcess, GuestCounters, GuestSetup,
+    ReplyEnvelope, StdioConfig, StdioStream,
 };
 use oci_spec::runtime::Process;
 use serde_json::{Value, json};
 
-use cocoon_tests::guest::{Guest, exited, reader, spec};
+use cocoon_tests::guest::{Guest, exited, reader, spec, to_spec};
 use cocoon_tests::{ONE_VM_AT_A_TIME, RunningVm, Scratch, artifacts_or_skip, rootfs_or_skip};
 
 fn boot(scratch: &Scratch, rootfs: &Path) -> (RunningVm, Guest) {
@@ -189,8 +190,32 @@ fn containers_run_in_the_guest_like_runc_runs_them() {
             hostname: Some("guest-from-host".into()),
             realtime_ns: Some(now.as_nanos() as u64),
             entropy: vec![7; 64],
+            boot_id: Some(BOOT_ID.into()),
         })
         .unwrap();
+    // The host's boot id in a container that masks and write-protects /proc/sys as runc's
+    // spec does; a malformed one is refused.
+    let boot_id = guest.sh(
+        "boot-id",
+        "cat /proc/sys/kernel/random/boot_id; echo x > /proc/sys/kernel/random/boot_id",
+        |_| {},
+    );
+    assert_eq!(boot_id.stdout, format!("{BOOT_ID}\n"), "{}", boot_id.stderr);
+    assert!(
+        boot_id.stderr.contains("Read-only file system"),
+        "{}",
+        boot_id.stderr
+    );
+    let refused = guest.client().setup_guest(GuestSetup {
+        hostname: None,
+        realtime_ns: None,
+        entropy: Vec::new(),
+        boot_id: Some(BOOT_ID.to_uppercase()),
+    });
+    assert!(
+        matches!(&refused, Err(ClientError::Agent(e)) if e.kind == ErrorKind::InvalidArgument),
+        "{refused:?}"
+    );
     let identity = guest.sh("guest-identity", "hostname; date +%s", |s| {
         s["linux"]["namespaces"]
             .as_array_mut()
@@ -209,7 +234,8 @@ fn containers_run_in_the_guest_like_runc_runs_them() {
     // A user namespace: root inside is uid 1000 of the guest.
     let userns = guest.sh(
         "userns",
-        "id -u; cat /proc/self/uid_map; touch /tmp/x && echo wrote",
+        "id -u; cat /proc/self/uid_map; touch /tmp/x && echo wrote; \
+         cat /proc/sys/kernel/random/boot_id",
         |s| {
             let namespaces = s["linux"]["namespaces"].as_array_mut().unwrap();
             namespaces.extend([json!({"type": "user"}), json!({"type": "network"})]);
@@ -224,7 +250,12 @@ fn containers_run_in_the_guest_like_runc_runs_them() {
         .collect();
     assert_eq!(
         fields,
-        [vec!["0"], vec!["0", "1000", "65536"], vec!["wrote"]],
+        [
+            vec!["0"],
+            vec!["0", "1000", "65536"],
+            vec!["wrote"],
+            vec![BOOT_ID]
+        ],
         "{}",
         userns.stderr
     );
@@ -236,6 +267,9 @@ fn containers_run_in_the_guest_like_runc_runs_them() {
     check_errors(&guest);
     check_nothing_left_behind(&guest);
 }
+
+/// A boot id as the host would make one for a restored VM.
+const BOOT_ID: &str = "5b0c3c1e-7d2a-4f4e-9a61-0c8d2f3e4b5a";
 
 /// The ids, groups, umask and capability sets a process runs with, as `/proc/self/status` and
 /// `id` show them.
@@ -613,4 +647,99 @@ fn check_nothing_left_behind(guest: &Guest) {
         !before.contains("seq") && !before.contains("both"),
         "{before}"
     );
+}
+
+/// The agent's cost counters: creating a container costs at least one fork (its init), the
+/// counters never go backwards, and they add up to what the guest spent. The per-phase deltas
+/// of a `true` container are printed: what the guest side of `run` costs.
+#[test]
+fn counters_show_what_the_container_path_costs_the_guest() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if artifacts_or_skip("agent").is_none() {
+        return;
+    }
+    let Some(rootfs) = rootfs_or_skip("agent") else {
+        return;
+    };
+    let scratch = Scratch::new("agent-counters");
+    let (_vm, guest) = boot(&scratch, &rootfs);
+    // One connection for everything: each new one costs the agent a thread, which `forks` counts.
+    let mut client = guest.client();
+    let first = client.counters().unwrap();
+    assert!(first.forks > 0 && first.minor_faults > 0, "{first:?}");
+    assert!(first.guest_cpu_us > 0, "booting took CPU time: {first:?}");
+
+    const PHASES: [&str; 4] = ["create", "start", "exit", "remove"];
+    const RUNS: usize = 5;
+    // The namespaces `cocoon spec`, Podman and Docker ask for.
+    let mut with_network = spec(&["true"]);
+    with_network["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"type": "network"}));
+    // Each way a container can be made: in namespaces of its own, and owning the guest's (what
+    // the runtime asks for, one VM per container).
+    for owns_guest in [false, true] {
+        let mut sums = [[0u64; 8]; 4];
+        // Run 0 warms up what is done once per guest; it is not counted.
+        for run in 0..=RUNS {
+            let id = format!("count{run}-{owns_guest}");
+            let mut readings = vec![client.counters().unwrap()];
+            client
+                .create_container(CreateContainer {
+                    container_id: id.clone(),
+                    spec: to_spec(with_network.clone()),
+                    layers: vec![guest.disk.clone()],
+                    host_files: None,
+                    stdio: StdioConfig::default(),
+                    owns_guest,
+                })
+                .unwrap();
+            readings.push(client.counters().unwrap());
+            client.start_container(&id).unwrap();
+            readings.push(client.counters().unwrap());
+            assert_eq!(client.wait(&id, None).unwrap(), exited(0));
+            readings.push(client.counters().unwrap());
+            client.remove_container(&id).unwrap();
+            readings.push(client.counters().unwrap());
+            for (phase, pair) in readings.windows(2).enumerate() {
+                let (a, b) = (fields(&pair[0]), fields(&pair[1]));
+                for (i, (a, b)) in a.iter().zip(b).enumerate() {
+                    assert!(b >= *a, "{} went backwards: {:?}", PHASES[phase], pair);
+                    if run > 0 {
+                        sums[phase][i] += b - a;
+                    }
+                }
+                if phase == 0 {
+                    assert!(b[0] > a[0], "a container's init is a new process: {pair:?}");
+                }
+            }
+        }
+        eprintln!(
+            "guest cost per `true` container (owns_guest {owns_guest}), mean of {RUNS}:\n\
+             phase    forks  minflt  majflt  ctxsw  cpu_us  guest_cpu_us  syscr  syscw"
+        );
+        for (phase, sum) in PHASES.iter().zip(sums) {
+            let m = sum.map(|s| s as f64 / RUNS as f64);
+            eprintln!(
+                "{phase:<7} {:>6.1} {:>7.1} {:>7.1} {:>6.1} {:>7.0} {:>13.0} {:>6.1} {:>6.1}",
+                m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]
+            );
+        }
+    }
+    let last = client.counters().unwrap();
+    assert!(last.cpu_us > first.cpu_us, "{first:?} {last:?}");
+}
+
+fn fields(c: &GuestCounters) -> [u64; 8] {
+    [
+        c.forks,
+        c.minor_faults,
+        c.major_faults,
+        c.context_switches,
+        c.cpu_us,
+        c.guest_cpu_us,
+        c.read_syscalls,
+        c.write_syscalls,
+    ]
 }

@@ -3,113 +3,12 @@
 //! with OCI hooks recording what they are told, and a failing hook one more.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, artifacts_or_skip, in_ci};
-
-fn cocoon_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("COCOON_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/cocoon"));
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        !in_ci(),
-        "{} is missing and CI=true requires the CLI tests",
-        path.display()
-    );
-    eprintln!("SKIPPED: {} is missing (run `make test`)", path.display());
-    None
-}
-
-fn busybox_dir() -> PathBuf {
-    std::env::var_os("COCOON_BUSYBOX_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/busybox-rootfs"))
-}
-
-struct Cocoon {
-    bin: PathBuf,
-    root: PathBuf,
-}
-
-impl Cocoon {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("--root").arg(&self.root).args(args);
-        cmd
-    }
-
-    /// Runs a verb whose process may outlive it (`--detach`), with no stdio: the container
-    /// inherits ours, as under runc, and reading our output to the end would wait for it.
-    fn detached(&self, args: &[&str]) {
-        let status = self
-            .command(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("run cocoon");
-        assert!(status.success(), "cocoon {args:?} failed");
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run cocoon")
-    }
-
-    /// Runs a verb that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "cocoon {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs a verb that must fail with status 1; returns its stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert_eq!(out.status.code(), Some(1), "cocoon {args:?} should fail");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    fn state(&self, id: &str) -> Value {
-        serde_json::from_str(&self.ok(&["state", id])).expect("state is JSON")
-    }
-
-    fn containers(&self) -> Vec<String> {
-        std::fs::read_dir(&self.root)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-/// A bundle running `args` in the busybox root filesystem.
-fn bundle(dir: &Path, args: &[&str]) -> PathBuf {
-    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/make-bundle.sh");
-    let bin = cocoon_binary().unwrap();
-    let status = Command::new(spec)
-        .arg(&bin)
-        .arg(dir)
-        .arg(busybox_dir())
-        .args(args)
-        .status()
-        .expect("make a bundle");
-    assert!(status.success());
-    dir.to_owned()
-}
+use cocoon_tests::cocoon_cli::{Cocoon, bundle, cocoon_binary};
+use cocoon_tests::{ONE_VM_AT_A_TIME, Scratch, artifacts_or_skip};
 
 /// Whether `pid` runs. A zombie does not: whoever inherited it reaps it in its own time.
 fn alive(pid: i32) -> bool {
@@ -213,6 +112,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let cocoon = Cocoon {
         bin,
         root: scratch.path("root"),
+        config: None,
     };
     let good = scratch.path("good");
     std::fs::create_dir_all(good.join("rootfs")).unwrap();
@@ -304,7 +204,11 @@ fn containers_live_and_die_like_runc_containers() {
         .join("r".repeat(120))
         .join("s".repeat(80));
     assert!(root.as_os_str().len() >= 200);
-    let cocoon = Cocoon { bin, root };
+    let cocoon = Cocoon {
+        bin,
+        root,
+        config: None,
+    };
 
     let script = hook_script(&scratch.0);
 
@@ -635,6 +539,7 @@ fn a_failing_prestart_hook_fails_create_and_leaves_nothing() {
     let cocoon = Cocoon {
         bin,
         root: scratch.path("root"),
+        config: None,
     };
     let b = bundle(&scratch.path("bundle"), &["sleep", "600"]);
     let script = hook_script(&scratch.0);
@@ -706,6 +611,7 @@ fn checkpoint_and_restore_keep_a_running_process_going() {
     let cocoon = Cocoon {
         bin,
         root: scratch.path("root"),
+        config: None,
     };
     let b = bundle(
         &scratch.path("bundle"),

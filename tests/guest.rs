@@ -106,6 +106,8 @@ impl Guest {
             layers: vec![self.disk.clone()],
             host_files: None,
             stdio,
+            // Many containers share this guest.
+            owns_guest: false,
         })
     }
 

@@ -5,6 +5,7 @@
 //! message. `make test` builds the artifacts and points the tests at them through
 //! `COCOON_KERNEL`, `COCOON_INITRD` and `COCOON_VMM`.
 
+pub mod cocoon_cli;
 pub mod guest;
 
 use std::path::{Path, PathBuf};

@@ -9,6 +9,7 @@
 mod boot_check;
 mod console;
 mod container;
+mod counters;
 mod cpu;
 mod guest;
 mod mounts;
@@ -62,7 +63,12 @@ fn main() {
     if options.check {
         power::power_off();
     }
-    if let Err(e) = container::cgroup::enable_controllers(&container::syscall::LinuxSyscall) {
+    // Once per guest, not per container: the parent cgroup and the state directories.
+    let sys = container::syscall::LinuxSyscall;
+    if let Err(e) = container::cgroup::enable_controllers(&sys) {
+        console::line(&format!("cocoon-agent: {e}"));
+    }
+    if let Err(e) = container::rootfs::prepare_runtime_dirs(&sys) {
         console::line(&format!("cocoon-agent: {e}"));
     }
     std::thread::Builder::new()

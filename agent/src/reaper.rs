@@ -1,7 +1,8 @@
 //! PID 1's duty to reap: one thread collects every child's exit (SIGCHLD is blocked in all
 //! threads and taken with sigwait), and callers wait for the pids they care about. Exits of pids
 //! nobody registered yet are kept for a while, because a process can exit before whoever
-//! started it has learned its pid.
+//! started it has learned its pid. A caller that only needs to hear of an exit registers a
+//! callback ([`Reaper::on_exit`]), which the reaping thread runs: no thread waits per process.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -17,10 +18,13 @@ pub enum WaitStatus {
 /// and are forgotten once there are more than this many.
 const UNCLAIMED_LIMIT: usize = 4096;
 
+type OnExit = Box<dyn FnOnce(WaitStatus) + Send>;
+
 #[derive(Default)]
 struct Exits {
     by_pid: HashMap<i32, WaitStatus>,
     order: VecDeque<i32>,
+    callbacks: HashMap<i32, OnExit>,
 }
 
 pub struct Reaper {
@@ -91,6 +95,11 @@ fn reap_forever() {
 impl Reaper {
     fn record(&self, pid: i32, exit: WaitStatus) {
         let mut exits = self.exits.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(callback) = exits.callbacks.remove(&pid) {
+            drop(exits);
+            callback(exit);
+            return;
+        }
         exits.by_pid.insert(pid, exit);
         exits.order.push_back(pid);
         while exits.order.len() > UNCLAIMED_LIMIT {
@@ -99,6 +108,20 @@ impl Reaper {
             }
         }
         self.changed.notify_all();
+    }
+
+    /// Runs `callback` with the exit of `pid` (a child of the agent) once it has exited: now, if
+    /// it already has. The callback runs on the reaping thread, so it must not block for long.
+    /// Nobody may also [`wait`](Reaper::wait) for the same pid.
+    pub fn on_exit(&self, pid: i32, callback: impl FnOnce(WaitStatus) + Send + 'static) {
+        let mut exits = self.exits.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(exit) = exits.by_pid.remove(&pid) {
+            exits.order.retain(|p| *p != pid);
+            drop(exits);
+            callback(exit);
+            return;
+        }
+        exits.callbacks.insert(pid, Box::new(callback));
     }
 
     /// Blocks until `pid` (a child of the agent) has exited, and returns how.

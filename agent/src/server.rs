@@ -12,7 +12,7 @@ use cocoon_agent_protocol::message::{
 };
 
 use crate::container::Containers;
-use crate::{guest, power, vsock};
+use crate::{counters, guest, power, vsock};
 
 fn containers() -> &'static Containers {
     static CONTAINERS: OnceLock<Containers> = OnceLock::new();
@@ -146,6 +146,7 @@ fn handle(request: Request) -> Result<Reply, AgentError> {
         Request::RemoveContainer { container_id } => {
             containers.remove(&container_id).map(|()| Reply::Done)
         }
+        Request::Counters => Ok(Reply::Counters(counters::read())),
         Request::PowerOff => Ok(Reply::Done),
     }
 }

@@ -191,12 +191,17 @@ pub struct HostStdio {
     pub connections: Vec<File>,
 }
 
+/// A new fd on /dev/null: a dup of one opened once, which spares a path lookup per stream.
 fn devnull() -> std::io::Result<OwnedFd> {
-    Ok(std::fs::OpenOptions::new()
+    static DEVNULL: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = DEVNULL.get() {
+        return fd.try_clone();
+    }
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/null")?
-        .into())
+        .open("/dev/null")?;
+    DEVNULL.get_or_init(|| file.into()).try_clone()
 }
 
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);

@@ -37,6 +37,10 @@ pub struct Config {
     pub layer_cache: PathBuf,
     /// Seconds to wait for the guest agent to answer after the VM starts.
     pub boot_timeout_secs: u64,
+    /// Start sandboxes by restoring a template (a snapshot of a booted VM) instead of booting.
+    pub templates: bool,
+    /// Where templates are kept, shared by all containers.
+    pub template_dir: PathBuf,
 }
 
 /// `../lib/cocoon` relative to the running binary.
@@ -58,6 +62,8 @@ impl Default for Config {
             default_cpus: 1,
             layer_cache: PathBuf::from("/var/lib/cocoon/layers"),
             boot_timeout_secs: 180,
+            templates: true,
+            template_dir: PathBuf::from("/var/lib/cocoon/templates"),
         }
     }
 }

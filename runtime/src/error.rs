@@ -80,6 +80,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether restoring a template failed in a way that says the template is at fault (its
+    /// snapshot unreadable or refused, or its guest not answering), so making it again helps.
+    pub fn is_load_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::Snapshot(_)
+                | Error::Vm(_)
+                | Error::EndedWhileBooting(_)
+                | Error::AgentTimeout(_)
+                | Error::Agent(_)
+        )
+    }
+
     pub fn io(
         what: &'static str,
         path: impl Into<PathBuf>,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::{Bundle, vm_size};
 use crate::config::Config;
 use crate::error::Error;
+use crate::sandbox::StartPlan;
 use crate::state::{ContainerDir, Record, process_start_time, rfc3339, write_atomically};
 use crate::{hooks, images};
 
@@ -30,7 +31,13 @@ pub struct Launch {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub boot_timeout_secs: u64,
+    /// From a template or cold, and why.
+    pub start: StartPlan,
 }
+
+/// The annotation that, set to `false`, has a container's VM boot instead of being restored
+/// from a template.
+pub const TEMPLATE_ANNOTATION: &str = "io.cocoon.template";
 
 impl Launch {
     pub fn read(dir: &Path) -> Result<Launch, Error> {
@@ -57,6 +64,8 @@ pub struct CreateRequest<'a> {
     pub id: &'a str,
     pub bundle: &'a Path,
     pub console_socket: Option<&'a Path>,
+    /// `--no-template`: boot the VM even where a template could be restored.
+    pub no_template: bool,
 }
 
 /// Everything before the monitor starts: bundle checked, directory made, images built,
@@ -71,7 +80,7 @@ pub fn prepare(request: &CreateRequest) -> Result<(ContainerDir, Bundle), Error>
     }
     let dir = ContainerDir::create(request.root, request.id)?;
     crate::phase::phase("bundle checked");
-    match settle(&dir, &bundle, &config, request.console_socket) {
+    match settle(&dir, &bundle, &config, request) {
         Ok(launch) => match launch.write(&dir) {
             Ok(()) => {
                 crate::phase::phase("images ready");
@@ -93,8 +102,9 @@ fn settle(
     dir: &ContainerDir,
     bundle: &Bundle,
     config: &Config,
-    console_socket: Option<&Path>,
+    request: &CreateRequest,
 ) -> Result<Launch, Error> {
+    let console_socket = request.console_socket;
     let layers = images::images_for(&bundle.rootfs, &config.layer_cache, &dir.path)?;
     if layers.len() > MAX_LAYERS {
         return Err(Error::TooManyLayers(layers.len()));
@@ -120,7 +130,31 @@ fn settle(
         kernel: config.kernel.clone(),
         initrd: config.initrd.clone(),
         boot_timeout_secs: config.boot_timeout_secs,
+        start: start_plan(&bundle.spec, config, request.no_template),
     })
+}
+
+/// From a template unless something says otherwise; the reason is kept for the monitor's log.
+fn start_plan(spec: &Spec, config: &Config, no_template: bool) -> StartPlan {
+    let annotation = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(TEMPLATE_ANNOTATION));
+    let reason = if !config.templates {
+        Some("templates = false in the configuration".to_owned())
+    } else if no_template {
+        Some("--no-template".to_owned())
+    } else {
+        annotation
+            .filter(|v| matches!(v.as_str(), "false" | "0" | "no" | "off"))
+            .map(|value| format!("annotation {TEMPLATE_ANNOTATION}={value}"))
+    };
+    match reason {
+        Some(reason) => StartPlan::Cold { reason },
+        None => StartPlan::Template {
+            dir: config.template_dir.clone(),
+        },
+    }
 }
 
 /// The record of a container whose process (monitor) is `pid`.
@@ -141,5 +175,52 @@ pub fn record(dir: &ContainerDir, bundle: &Bundle, pid: i32, started: bool) -> R
             .into_iter()
             .collect(),
         hooks: bundle.spec.hooks().clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(annotation: Option<&str>) -> Spec {
+        let mut spec = Spec::default();
+        if let Some(value) = annotation {
+            spec.set_annotations(Some(
+                [(TEMPLATE_ANNOTATION.to_owned(), value.to_owned())].into(),
+            ));
+        }
+        spec
+    }
+
+    #[test]
+    fn templates_unless_config_flag_or_annotation_say_no() {
+        let config = Config::default();
+        assert_eq!(
+            start_plan(&spec(None), &config, false),
+            StartPlan::Template {
+                dir: config.template_dir.clone()
+            }
+        );
+        assert!(matches!(
+            start_plan(&spec(Some("true")), &config, false),
+            StartPlan::Template { .. }
+        ));
+        let reason = |plan| match plan {
+            StartPlan::Cold { reason } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            reason(start_plan(&spec(None), &config, true)),
+            "--no-template"
+        );
+        assert_eq!(
+            reason(start_plan(&spec(Some("false")), &config, false)),
+            "annotation io.cocoon.template=false"
+        );
+        let off = Config {
+            templates: false,
+            ..Config::default()
+        };
+        assert!(reason(start_plan(&spec(None), &off, false)).contains("templates = false"));
     }
 }

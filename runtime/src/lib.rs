@@ -8,6 +8,7 @@
 //!   ([`sandbox::Container`]);
 //! - `control`: the socket over which other processes reach a sandbox's VMM (pause, resume);
 //! - `state`: the per-container directory and record; `hooks`: the spec's hooks on the host;
+//! - `template`: booted VMs saved once, which sandboxes are restored from;
 //! - `stdio`, `console`: a process's stdio and terminal relayed to the guest.
 
 pub mod bundle;
@@ -25,6 +26,7 @@ pub mod sandbox;
 pub mod signal;
 pub mod state;
 pub mod stdio;
+pub mod template;
 
 pub use error::Error;
-pub use sandbox::{Container, Sandbox, SandboxConfig};
+pub use sandbox::{Container, Sandbox, SandboxConfig, StartPlan};

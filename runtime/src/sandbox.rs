@@ -4,21 +4,33 @@
 //! VM's vsock socket, so other processes can make them too.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use cocoon_agent_protocol::client::AgentClient;
+use cocoon_agent_protocol::client::{AgentClient, ClientError};
 use cocoon_agent_protocol::message::{
-    ContainerStats, CreateContainer, ExecProcess, ExitStatus, GuestSetup,
+    ContainerStats, CreateContainer, ExecProcess, ExitStatus, GuestCounters, GuestSetup,
 };
 use cocoon_vmm::config::{ConsoleConfig, DiskConfig, VmConfig, VsockConfig};
 use cocoon_vmm::lifecycle::ExitReason;
 use cocoon_vmm::snapshot::RestoreConfig;
 use cocoon_vmm::vm::Vm;
 use oci_spec::runtime::LinuxResources;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::launch::Launch;
+use crate::template::{Template, TemplateSpec, Templates};
+
+/// How a sandbox's VM comes up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartPlan {
+    /// Restored from a template in this directory of templates (made there first if needed).
+    Template { dir: PathBuf },
+    /// Booted, for this reason.
+    Cold { reason: String },
+}
 
 /// The guest context id: each VM has its own vsock device, so every guest can use the same.
 const GUEST_CID: u64 = 3;
@@ -92,10 +104,61 @@ pub fn disk_name(index: usize) -> String {
     format!("/dev/vd{}", letter as char)
 }
 
+/// A connection to the agent kept for the requests that answer at once. Each new vsock
+/// connection costs the guest a socket, a thread and an accept in emulated kernel code (about
+/// 0.2 s on a PVM host), so a container's start path asks everything over one. Requests on it
+/// take turns; `wait`, which blocks until a process exits, has a connection of its own.
+#[derive(Clone)]
+struct Channel {
+    vsock_socket: PathBuf,
+    client: Arc<Mutex<Option<AgentClient>>>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("vsock_socket", &self.vsock_socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Channel {
+    fn new(vsock_socket: &Path) -> Channel {
+        Channel {
+            vsock_socket: vsock_socket.to_owned(),
+            client: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Runs `request` on the kept connection (made first if there is none). A connection that
+    /// failed is dropped, so the next request makes a new one; an error the agent replied with
+    /// leaves it usable.
+    fn call<T>(
+        &self,
+        request: impl FnOnce(&mut AgentClient) -> Result<T, ClientError>,
+    ) -> Result<T, Error> {
+        let mut kept = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        let mut client = match kept.take() {
+            Some(client) => client,
+            None => AgentClient::connect(&self.vsock_socket)?,
+        };
+        let result = request(&mut client);
+        if matches!(result, Ok(_) | Err(ClientError::Agent(_))) {
+            *kept = Some(client);
+        }
+        Ok(result?)
+    }
+
+    fn keep(&self, client: AgentClient) {
+        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
+    }
+}
+
 /// One running microVM with its agent answering.
 pub struct Sandbox {
     vm: Arc<Vm>,
     vsock_socket: PathBuf,
+    channel: Channel,
 }
 
 impl Sandbox {
@@ -110,6 +173,7 @@ impl Sandbox {
         let sandbox = Sandbox {
             vm: Arc::new(vm),
             vsock_socket: config.vsock_socket.clone(),
+            channel: Channel::new(&config.vsock_socket),
         };
         sandbox.vm.resume()?;
         crate::phase::phase(phase);
@@ -146,6 +210,48 @@ impl Sandbox {
         Sandbox::run(vm, config, "vm restored")
     }
 
+    /// Starts the sandbox as `plan` says: restored from its template (made first if there is
+    /// none; one that fails to load is removed and made again, once), or booted.
+    pub fn start(config: &SandboxConfig, plan: &StartPlan) -> Result<Sandbox, Error> {
+        let templates = match plan {
+            StartPlan::Cold { reason } => {
+                tracing::info!("booting the microVM cold: {reason}");
+                return Sandbox::boot(config);
+            }
+            StartPlan::Template { dir } => Templates::new(dir),
+        };
+        let spec = TemplateSpec::for_sandbox(config)?;
+        let mut retried = false;
+        loop {
+            crate::phase::phase("template ready");
+            let template = templates.ensure(&spec, config.boot_timeout)?;
+            match Sandbox::from_template(config, &template) {
+                Err(e) if !retried && e.is_load_failure() => {
+                    templates.discard(&template, &e);
+                    retried = true;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Restores `template` with this config's vsock socket and its disks in the first slots.
+    fn from_template(config: &SandboxConfig, template: &Template) -> Result<Sandbox, Error> {
+        let slots = template.slots();
+        if config.disks.len() > slots.len() {
+            return Err(Error::Other(format!(
+                "{} disks do not fit the template's {} slots",
+                config.disks.len(),
+                slots.len()
+            )));
+        }
+        let mut filled = config.clone();
+        filled
+            .disks
+            .extend(slots.into_iter().skip(config.disks.len()));
+        Sandbox::restore(&filled, &template.snapshot_dir())
+    }
+
     /// Saves the VM to `dir` (pausing it first); it stays paused.
     pub fn snapshot(&self, dir: &Path) -> Result<(), Error> {
         self.vm.pause()?;
@@ -153,7 +259,7 @@ impl Sandbox {
     }
 
     fn wait_for_agent(&self, timeout: Duration) -> Result<(), Error> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
         loop {
             if let Some(reason) = self.vm.try_wait() {
                 return Err(Error::EndedWhileBooting(reason));
@@ -161,12 +267,21 @@ impl Sandbox {
             if let Ok(mut client) = AgentClient::connect(&self.vsock_socket)
                 && client.hello().is_ok()
             {
+                self.channel.keep(client);
                 return Ok(());
             }
-            if Instant::now() > deadline {
+            let waited = started.elapsed();
+            if waited > timeout {
                 return Err(Error::AgentTimeout(timeout.as_secs()));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // A restored agent answers within a second: ask often then, and less often
+            // through a boot.
+            let pause = if waited < Duration::from_secs(2) {
+                5
+            } else {
+                50
+            };
+            std::thread::sleep(Duration::from_millis(pause));
         }
     }
 
@@ -179,31 +294,42 @@ impl Sandbox {
         &self.vsock_socket
     }
 
-    /// Names the guest, sets its clock to the host's and seeds its entropy pool.
+    /// Gives the guest its own identity before any container code runs in it: its name, the
+    /// host's clock, fresh entropy (credited, and the CRNG reseeded from it) and a boot id of
+    /// its own for containers to read. A VM restored from a template shares all of these with
+    /// its siblings until this call.
     pub fn setup_guest(&self, hostname: String) -> Result<(), Error> {
-        let mut entropy = vec![0u8; 64];
-        // SAFETY: getrandom writes at most `entropy.len()` bytes into the buffer it is given.
-        unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+        let entropy = random_bytes::<64>()?.to_vec();
         let now = SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        self.agent()?.setup_guest(GuestSetup {
+        let setup = GuestSetup {
             hostname: Some(hostname),
             realtime_ns: Some(now.as_nanos() as u64),
             entropy,
-        })?;
-        Ok(())
+            boot_id: Some(uuid_v4(random_bytes::<16>()?)),
+        };
+        self.channel.call(|agent| agent.setup_guest(setup))
     }
 
     /// Has the agent create a container (stopped before its process execs).
     pub fn create_container(&self, create: CreateContainer) -> Result<Container, Error> {
         let container = self.container(&create.container_id);
-        self.agent()?.create_container(create)?;
+        self.channel.call(|agent| agent.create_container(create))?;
         Ok(container)
     }
 
+    /// A handle on container `id` that shares the sandbox's connection to the agent.
     pub fn container(&self, id: &str) -> Container {
-        Container::new(&self.vsock_socket, id)
+        Container {
+            channel: self.channel.clone(),
+            id: id.to_owned(),
+        }
+    }
+
+    /// What the guest has spent so far (forks, page faults, CPU time).
+    pub fn counters(&self) -> Result<GuestCounters, Error> {
+        self.channel.call(|agent| agent.counters())
     }
 
     /// Stops the vCPUs: everything in the guest stands still until [`Sandbox::resume`].
@@ -229,14 +355,15 @@ impl Sandbox {
 /// A container in a sandbox, reached through the VM's vsock socket.
 #[derive(Debug, Clone)]
 pub struct Container {
-    vsock_socket: PathBuf,
+    channel: Channel,
     id: String,
 }
 
 impl Container {
+    /// A handle of its own (another process than the sandbox's holder, say).
     pub fn new(vsock_socket: &Path, id: &str) -> Container {
         Container {
-            vsock_socket: vsock_socket.to_owned(),
+            channel: Channel::new(vsock_socket),
             id: id.to_owned(),
         }
     }
@@ -246,34 +373,32 @@ impl Container {
     }
 
     pub fn vsock_socket(&self) -> &Path {
-        &self.vsock_socket
-    }
-
-    fn agent(&self) -> Result<AgentClient, Error> {
-        Ok(AgentClient::connect(&self.vsock_socket)?)
+        &self.channel.vsock_socket
     }
 
     /// Lets the created container's process exec.
     pub fn start(&self) -> Result<(), Error> {
-        self.agent()?.start_container(&self.id)?;
-        Ok(())
+        self.channel
+            .call(|agent| agent.start_container(&self.id))
+            .map(drop)
     }
 
     /// Starts process `exec.exec_id` in the running container.
     pub fn exec(&self, exec: ExecProcess) -> Result<(), Error> {
-        self.agent()?.exec_process(exec)?;
-        Ok(())
+        self.channel
+            .call(|agent| agent.exec_process(exec))
+            .map(drop)
     }
 
     /// Blocks until the process (`exec_id` None: the init) exits.
     pub fn wait(&self, exec_id: Option<&str>) -> Result<ExitStatus, Error> {
-        Ok(self.agent()?.wait(&self.id, exec_id)?)
+        Ok(AgentClient::connect(self.vsock_socket())?.wait(&self.id, exec_id)?)
     }
 
     /// Signals the process, or with `all` every process of the container.
     pub fn signal(&self, exec_id: Option<&str>, signal: i32, all: bool) -> Result<(), Error> {
-        self.agent()?.signal(&self.id, exec_id, signal, all)?;
-        Ok(())
+        self.channel
+            .call(|agent| agent.signal(&self.id, exec_id, signal, all))
     }
 
     pub fn resize_terminal(
@@ -282,20 +407,18 @@ impl Container {
         rows: u16,
         cols: u16,
     ) -> Result<(), Error> {
-        self.agent()?
-            .resize_terminal(&self.id, exec_id, rows, cols)?;
-        Ok(())
+        self.channel
+            .call(|agent| agent.resize_terminal(&self.id, exec_id, rows, cols))
     }
 
     /// The guest pids of the container's processes.
     pub fn processes(&self) -> Result<Vec<i32>, Error> {
-        Ok(self.agent()?.list_processes(&self.id)?)
+        self.channel.call(|agent| agent.list_processes(&self.id))
     }
 
     /// Kills what is left of the container and removes it from the guest.
     pub fn remove(&self) -> Result<(), Error> {
-        self.agent()?.remove_container(&self.id)?;
-        Ok(())
+        self.channel.call(|agent| agent.remove_container(&self.id))
     }
 
     /// New limits for the container's cgroup in the guest (runc's `update`). What is left out
@@ -303,14 +426,43 @@ impl Container {
     /// above those caps nothing more than they do.
     pub fn update(&self, resources: &LinuxResources) -> Result<(), Error> {
         check_resources(resources)?;
-        self.agent()?.update_resources(&self.id, resources)?;
-        Ok(())
+        self.channel
+            .call(|agent| agent.update_resources(&self.id, resources))
     }
 
     /// The figures of the container's cgroup in the guest.
     pub fn stats(&self) -> Result<ContainerStats, Error> {
-        Ok(self.agent()?.stats(&self.id)?)
+        self.channel.call(|agent| agent.stats(&self.id))
     }
+}
+
+/// `N` bytes from the host's CSPRNG.
+fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
+    let mut bytes = [0u8; N];
+    // SAFETY: getrandom writes at most `N` bytes into the buffer it is given.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), N, 0) };
+    if got != N as isize {
+        return Err(Error::Other(format!(
+            "getrandom: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A random (version 4) UUID in the kernel's boot_id form.
+fn uuid_v4(mut bytes: [u8; 16]) -> String {
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 /// Refuses what the guest's cgroup would misread: memory sizes are bytes or -1 (unlimited),
@@ -338,6 +490,16 @@ mod tests {
 
     fn resources(json: &str) -> LinuxResources {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn boot_ids_look_like_the_kernels() {
+        let id = uuid_v4([0xff; 16]);
+        assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        let a = uuid_v4(random_bytes().unwrap());
+        let b = uuid_v4(random_bytes().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
     }
 
     #[test]

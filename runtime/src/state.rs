@@ -113,6 +113,22 @@ pub struct ContainerDir {
     lock: File,
 }
 
+/// Opens (creating) `path` and takes an exclusive lock on it, waiting for other holders; the
+/// lock goes with the returned file.
+pub fn lock_file(path: &Path) -> Result<File, Error> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(Error::io("open", path))?;
+    // SAFETY: flock on an fd we own; blocks until the holder releases it.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(Error::io("lock", path)(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
 fn lock(dir: &Path) -> Result<File, Error> {
     let file = File::open(dir).map_err(Error::io("open", dir))?;
     // SAFETY: flock on an fd we own; blocks until other verbs on this container finish.

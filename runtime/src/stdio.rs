@@ -69,6 +69,19 @@ fn inherited(fd: RawFd) -> Option<File> {
     (copy >= 0).then(|| unsafe { File::from_raw_fd(copy) })
 }
 
+/// Whether our fd `fd` is `/dev/null`: a stream the guest can give the process itself (it uses
+/// its own /dev/null for a stream not attached) instead of relaying nothing over vsock, whose
+/// every connection costs the guest emulated kernel work.
+fn is_dev_null(fd: RawFd) -> bool {
+    // SAFETY: stat is plain data, for which all zeroes is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the stat buffer we own; a closed fd just fails.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return false;
+    }
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)
+}
+
 impl Stdio {
     /// Attaches the streams of process `exec_id` (None: the init) of container `id`.
     pub fn attach(
@@ -125,14 +138,14 @@ impl Stdio {
             relays: Vec::new(),
             pty_slave: None,
         };
-        if let Some(input) = inherited(0) {
+        if let Some(input) = inherited(0).filter(|_| !is_dev_null(0)) {
             let conn = attach(StdioStream::Stdin)?;
             let shutdown = conn.try_clone().map_err(e)?;
             relay(input, conn, Some(shutdown));
             stdio.config.stdin = true;
         }
         for (fd, stream) in [(1, StdioStream::Stdout), (2, StdioStream::Stderr)] {
-            if let Some(output) = inherited(fd) {
+            if let Some(output) = inherited(fd).filter(|_| !is_dev_null(fd)) {
                 let conn = attach(stream)?;
                 stdio.relays.push(relay(conn, output, None));
                 match stream {
@@ -167,5 +180,21 @@ impl Stdio {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_null_is_told_from_other_files() {
+        let null = File::open("/dev/null").unwrap();
+        assert!(is_dev_null(null.as_raw_fd()));
+        let zero = File::open("/dev/zero").unwrap();
+        assert!(!is_dev_null(zero.as_raw_fd()));
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(!is_dev_null(a.as_raw_fd()));
+        assert!(!is_dev_null(-1));
     }
 }

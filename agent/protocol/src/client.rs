@@ -13,8 +13,8 @@ use oci_spec::runtime::LinuxResources;
 use crate::frame::{FrameError, read_frame, write_frame};
 use crate::message::{
     AgentError, AgentInfo, CONTROL_PORT, ContainerState, ContainerStats, CreateContainer,
-    ExecProcess, ExitStatus, GuestSetup, PROTOCOL_VERSION, Reply, ReplyEnvelope, Request,
-    RequestEnvelope, STDIO_PORT, StdioAttach, StdioStream,
+    ExecProcess, ExitStatus, GuestCounters, GuestSetup, PROTOCOL_VERSION, Reply, ReplyEnvelope,
+    Request, RequestEnvelope, STDIO_PORT, StdioAttach, StdioStream,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +120,7 @@ impl Reply {
             Reply::State(_) => "state",
             Reply::Stats(_) => "stats",
             Reply::Processes(_) => "processes",
+            Reply::Counters(_) => "counters",
         }
     }
 }
@@ -250,6 +251,11 @@ impl AgentClient {
             container_id: container_id.to_owned(),
         })?;
         expect_reply!(reply, "state", Reply::State(state) => state)
+    }
+
+    pub fn counters(&mut self) -> Result<GuestCounters, ClientError> {
+        let reply = self.call(Request::Counters)?;
+        expect_reply!(reply, "counters", Reply::Counters(counters) => counters)
     }
 
     pub fn stats(&mut self, container_id: &str) -> Result<ContainerStats, ClientError> {

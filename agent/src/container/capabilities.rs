@@ -57,12 +57,15 @@ pub fn number(cap: Capability) -> Option<u32> {
         .map(|(_, number)| *number)
 }
 
-/// The highest capability the running kernel knows.
+/// The highest capability the running kernel knows (read once: it is the kernel's constant).
 pub fn last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40)
+    static LAST_CAP: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *LAST_CAP.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(40)
+    })
 }
 
 fn mask(set: &Option<Capabilities>, last_cap: u32) -> u64 {

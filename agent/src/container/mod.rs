@@ -60,30 +60,27 @@ impl ProcessRecord {
         })
     }
 
-    /// Starts the thread that collects the exit. `oom_before` is the cgroup's OOM kill count
-    /// when the process started: more at exit means an OOM kill happened while it ran.
+    /// Has the exit recorded when it comes. `oom_before` is the cgroup's OOM kill count when the
+    /// process started: more at exit means an OOM kill happened while it ran.
     fn watch(self: &Arc<Self>, cgroup: PathBuf, oom_before: u64) {
         let record = Arc::clone(self);
-        let _ = std::thread::Builder::new()
-            .name("exit-watch".into())
-            .spawn(move || {
-                let status = reaper().wait(record.pid);
-                let oom_killed = Cgroup { path: cgroup }.oom_kills() > oom_before;
-                let exit = match status {
-                    WaitStatus::Exited(code) => ExitStatus {
-                        code: Some(code),
-                        signal: None,
-                        oom_killed,
-                    },
-                    WaitStatus::Signaled(signal) => ExitStatus {
-                        code: None,
-                        signal: Some(signal),
-                        oom_killed,
-                    },
-                };
-                *lock(&record.exit) = Some(exit);
-                record.exited.notify_all();
-            });
+        reaper().on_exit(self.pid, move |status| {
+            let oom_killed = Cgroup { path: cgroup }.oom_kills() > oom_before;
+            let exit = match status {
+                WaitStatus::Exited(code) => ExitStatus {
+                    code: Some(code),
+                    signal: None,
+                    oom_killed,
+                },
+                WaitStatus::Signaled(signal) => ExitStatus {
+                    code: None,
+                    signal: Some(signal),
+                    oom_killed,
+                },
+            };
+            *lock(&record.exit) = Some(exit);
+            record.exited.notify_all();
+        });
     }
 
     pub fn exit(&self) -> Option<ExitStatus> {
@@ -217,6 +214,16 @@ fn new_namespaces(spec: &Spec) -> libc::c_int {
         .fold(0, |flags, flag| flags | flag)
 }
 
+/// The namespaces among `flags` that a container owning the guest takes from the guest instead
+/// of having them made (see `CreateContainer::owns_guest`). The init still does in them what
+/// it would in new ones (loopback up, hostname), which leaves them as runc would.
+fn guest_owned(flags: libc::c_int, owns_guest: bool) -> libc::c_int {
+    if !owns_guest || flags & libc::CLONE_NEWUSER != 0 {
+        return 0;
+    }
+    flags & (libc::CLONE_NEWNET | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC)
+}
+
 fn id_maps(spec: &Spec) -> Option<(String, String)> {
     let linux = spec.linux().as_ref()?;
     let format = |maps: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
@@ -324,26 +331,38 @@ fn exec_body(
     Err(format!("exec {}: {errno}", executable.display()))
 }
 
+const NAMESPACE_KINDS: [(&str, libc::c_int); 7] = [
+    ("user", libc::CLONE_NEWUSER),
+    ("ipc", libc::CLONE_NEWIPC),
+    ("uts", libc::CLONE_NEWUTS),
+    ("net", libc::CLONE_NEWNET),
+    ("pid", libc::CLONE_NEWPID),
+    ("cgroup", libc::CLONE_NEWCGROUP),
+    ("mnt", libc::CLONE_NEWNS),
+];
+
+/// The inode numbers of the agent's own namespaces, in [`NAMESPACE_KINDS`] order (read once:
+/// the agent never leaves them; `None` for one the kernel does not show).
+fn own_namespaces() -> &'static [Option<u64>; 7] {
+    use std::os::unix::fs::MetadataExt;
+    static OWN: std::sync::OnceLock<[Option<u64>; 7]> = std::sync::OnceLock::new();
+    OWN.get_or_init(|| {
+        NAMESPACE_KINDS.map(|(name, _)| {
+            std::fs::metadata(format!("/proc/self/ns/{name}"))
+                .ok()
+                .map(|m| m.ino())
+        })
+    })
+}
+
 /// Opens the namespaces of `pid` that differ from the agent's own.
 fn namespaces_of(pid: i32) -> Result<Vec<(OwnedFd, libc::c_int)>, AgentError> {
     use std::os::unix::fs::MetadataExt;
-    let kinds = [
-        ("user", libc::CLONE_NEWUSER),
-        ("ipc", libc::CLONE_NEWIPC),
-        ("uts", libc::CLONE_NEWUTS),
-        ("net", libc::CLONE_NEWNET),
-        ("pid", libc::CLONE_NEWPID),
-        ("cgroup", libc::CLONE_NEWCGROUP),
-        ("mnt", libc::CLONE_NEWNS),
-    ];
     let mut fds = Vec::new();
-    for (name, kind) in kinds {
+    for ((name, kind), own) in NAMESPACE_KINDS.into_iter().zip(own_namespaces()) {
         let theirs = format!("/proc/{pid}/ns/{name}");
-        let same = match (
-            std::fs::metadata(&theirs),
-            std::fs::metadata(format!("/proc/self/ns/{name}")),
-        ) {
-            (Ok(a), Ok(b)) => a.ino() == b.ino(),
+        let same = match (std::fs::metadata(&theirs), own) {
+            (Ok(a), Some(b)) => a.ino() == *b,
             (Err(e), _) => return Err(error(ErrorKind::Failed, format!("open {theirs}: {e}"))),
             _ => false,
         };
@@ -585,6 +604,7 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         layers,
         host_files,
         stdio: stdio_config,
+        owns_guest,
     } = request;
     let process = spec
         .process()
@@ -644,9 +664,10 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         in_user_namespace: flags & libc::CLONE_NEWUSER != 0,
         cgroup_without_namespace: (flags & libc::CLONE_NEWCGROUP == 0)
             .then_some(cgroup.path.as_path()),
+        boot_id: crate::guest::boot_id_file(),
     };
     let namespaces = Namespaces::New {
-        clone_flags: flags & !libc::CLONE_NEWCGROUP,
+        clone_flags: flags & !libc::CLONE_NEWCGROUP & !guest_owned(flags, owns_guest),
         id_maps: id_maps(&spec),
     };
     let spawned = spawn::spawn(namespaces, &cgroup.procs_file(), child, true, |gate| {
@@ -693,6 +714,25 @@ mod tests {
                 | libc::CLONE_NEWUTS
                 | libc::CLONE_NEWIPC
                 | libc::CLONE_NEWCGROUP
+        );
+    }
+
+    #[test]
+    fn a_container_owning_the_guest_takes_its_net_uts_and_ipc_namespaces() {
+        let all = libc::CLONE_NEWPID
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC;
+        assert_eq!(
+            guest_owned(all, true),
+            libc::CLONE_NEWNET | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC
+        );
+        assert_eq!(guest_owned(all, false), 0);
+        assert_eq!(guest_owned(all | libc::CLONE_NEWUSER, true), 0);
+        assert_eq!(
+            guest_owned(libc::CLONE_NEWNS | libc::CLONE_NEWUTS, true),
+            libc::CLONE_NEWUTS
         );
     }
 

@@ -181,6 +181,7 @@ impl MountOptions {
 }
 
 /// What the container's mount namespace gets besides the spec's own mounts.
+#[derive(Clone, Copy)]
 pub struct RootfsSetup<'a> {
     /// Where the container's root is mounted in the agent's namespace (the overlay).
     pub root: &'a Path,
@@ -192,7 +193,14 @@ pub struct RootfsSetup<'a> {
     /// binds this directory, so the container still sees its own cgroup at /sys/fs/cgroup (as
     /// runc does).
     pub cgroup_without_namespace: Option<&'a Path>,
+    /// The agent's file with the host's boot id, bound over the container's
+    /// `/proc/sys/kernel/random/boot_id` once its /proc is mounted.
+    pub boot_id: Option<&'a Path>,
 }
+
+/// What the kernel shows as the boot id, which a VM restored from a snapshot shares with every
+/// other VM restored from it.
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 /// The devices every container gets (OCI runtime spec, "Default Devices").
 const DEFAULT_DEVICES: [(&str, u32, u32); 6] = [
@@ -225,20 +233,32 @@ pub fn enter_root(sys: &dyn Syscall, spec: &Spec, setup: &RootfsSetup) -> Result
     // Nothing mounted from here on may propagate back into the agent's namespace.
     sys.mount(None, Path::new("/"), None, libc::MS_REC | propagation, None)
         .context(|| "make / private".into())?;
-    sys.mount(
-        Some(&root.to_string_lossy()),
-        root,
-        None,
-        libc::MS_BIND | libc::MS_REC,
-        None,
-    )
-    .context(|| format!("bind {} onto itself", root.display()))?;
+    // pivot_root wants a mount point, and the root is one already (the container's overlay):
+    // the bind onto itself that runc makes is needed only in a user namespace, where the copy
+    // of the overlay is locked to it and pivot_root refuses a locked mount.
+    if setup.in_user_namespace {
+        sys.mount(
+            Some(&root.to_string_lossy()),
+            root,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )
+        .context(|| format!("bind {} onto itself", root.display()))?;
+    }
 
     let mut dev_is_bound = false;
     for mount in spec.mounts().iter().flatten() {
         mount_one(sys, setup, mount)?;
         if mount.destination() == Path::new("/dev") && is_bind(mount) {
             dev_is_bound = true;
+        }
+        let is_proc =
+            mount.destination() == Path::new("/proc") && mount.typ().as_deref() == Some("proc");
+        if is_proc && let Some(boot_id) = setup.boot_id {
+            // Now, before the spec's read-only /proc/sys: that bind is recursive and carries
+            // this one along, and mounts the spec makes later still go on top.
+            bind_boot_id(sys, root, boot_id)?;
         }
     }
     if !dev_is_bound {
@@ -332,6 +352,25 @@ fn mount_one(sys: &dyn Syscall, setup: &RootfsSetup, mount: &Mount) -> Result<()
             .context(describe)?;
     }
     Ok(())
+}
+
+/// Binds `file` read-only over the boot id of the /proc just mounted under `root`.
+fn bind_boot_id(sys: &dyn Syscall, root: &Path, file: &Path) -> Result<(), MountError> {
+    let describe = || format!("bind the boot id over {BOOT_ID}");
+    let target = resolve_in_root(sys, root, Path::new(BOOT_ID)).context(describe)?;
+    // A kernel without it (no sysctl) has nothing to replace.
+    if sys.file_kind(&target).context(describe)? != Some(FileKind::Other) {
+        return Ok(());
+    }
+    sys.mount(
+        Some(&file.to_string_lossy()),
+        &target,
+        None,
+        libc::MS_BIND,
+        None,
+    )
+    .context(describe)?;
+    remount_read_only(sys, &target).context(describe)
 }
 
 /// A device node to create in the container's `/dev`.
@@ -559,12 +598,12 @@ mod tests {
             console: Some(Path::new("/dev/pts/3")),
             in_user_namespace: false,
             cgroup_without_namespace: None,
+            boot_id: None,
         };
         enter_root(&sys, &spec, &setup).unwrap();
         let calls = sys.calls();
         let expect_in_order = [
             "mount / - - 0x44000 -",
-            "mount /r /r - 0x5000 -",
             "mkdir /r/proc 755",
             "mount /r/proc proc proc 0x0 -",
             "mkdir /r/dev 755",
@@ -620,6 +659,71 @@ mod tests {
     }
 
     #[test]
+    fn the_hosts_boot_id_is_bound_read_only_once_proc_is_mounted() {
+        let sys = Recorder::with_dirs(&["/r"]);
+        sys.files
+            .borrow_mut()
+            .insert("/r/proc/sys/kernel/random/boot_id".into(), FileKind::Other);
+        let with_proc = spec(
+            r#"{"ociVersion":"1.0.2","mounts":[
+              {"destination":"/proc","type":"proc","source":"proc"},
+              {"destination":"/dev","type":"tmpfs","source":"tmpfs"}],
+            "linux":{"readonlyPaths":["/proc/sys"]}}"#,
+        );
+        let setup = RootfsSetup {
+            root: Path::new("/r"),
+            console: None,
+            in_user_namespace: false,
+            cgroup_without_namespace: None,
+            boot_id: Some(Path::new("/run/cocoon/boot_id")),
+        };
+        enter_root(&sys, &with_proc, &setup).unwrap();
+        let mounts = sys.calls_of("mount");
+        let proc = mounts
+            .iter()
+            .position(|c| c == "mount /r/proc proc proc 0x0 -")
+            .expect("proc mounted");
+        assert_eq!(
+            mounts[proc + 1..proc + 3],
+            [
+                "mount /r/proc/sys/kernel/random/boot_id /run/cocoon/boot_id - 0x1000 -",
+                "mount /r/proc/sys/kernel/random/boot_id - - 0x1023 -",
+            ]
+        );
+        assert_eq!(mounts[proc + 3], "mount /r/dev tmpfs tmpfs 0x0 -");
+        // The root is the overlay, a mount point already: no bind onto itself outside a user
+        // namespace.
+        assert!(
+            !mounts.iter().any(|c| c.starts_with("mount /r /r ")),
+            "{mounts:#?}"
+        );
+
+        // No /proc of its own, or no boot id from the host: nothing to bind.
+        for (spec_json, boot_id) in [
+            (
+                r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/dev","type":"tmpfs","source":"tmpfs"}]}"#,
+                Some(Path::new("/run/cocoon/boot_id")),
+            ),
+            (
+                r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/proc","type":"proc","source":"proc"}]}"#,
+                None,
+            ),
+        ] {
+            let sys = Recorder::with_dirs(&["/r"]);
+            sys.files
+                .borrow_mut()
+                .insert("/r/proc/sys/kernel/random/boot_id".into(), FileKind::Other);
+            let setup = RootfsSetup { boot_id, ..setup };
+            enter_root(&sys, &spec(spec_json), &setup).unwrap();
+            assert!(
+                !sys.calls().iter().any(|c| c.contains("boot_id")),
+                "{:#?}",
+                sys.calls()
+            );
+        }
+    }
+
+    #[test]
     fn spec_devices_get_exactly_their_mode_and_owner() {
         let sys = Recorder::with_dirs(&["/r"]);
         let spec = spec(
@@ -635,6 +739,7 @@ mod tests {
             console: None,
             in_user_namespace: false,
             cgroup_without_namespace: None,
+            boot_id: None,
         };
         enter_root(&sys, &spec, &setup).unwrap();
         let calls = sys.calls();
@@ -665,9 +770,12 @@ mod tests {
             console: None,
             in_user_namespace: true,
             cgroup_without_namespace: None,
+            boot_id: None,
         };
         enter_root(&sys, &spec(r#"{"ociVersion":"1.0.2"}"#), &setup).unwrap();
         assert!(sys.calls_of("mknod").is_empty());
+        // The overlay's copy is locked in the namespace: pivot_root needs a bind of its own.
+        assert_eq!(sys.calls_of("mount")[1], "mount /r /r - 0x5000 -");
         assert!(
             sys.calls()
                 .contains(&"mount /r/dev/null /dev/null - 0x1000 -".to_owned())
@@ -685,6 +793,7 @@ mod tests {
             console: None,
             in_user_namespace: false,
             cgroup_without_namespace: Some(Path::new("/sys/fs/cgroup/containers/c1")),
+            boot_id: None,
         };
         enter_root(&sys, &spec, &setup).unwrap();
         let mounts = sys.calls_of("mount");
@@ -712,6 +821,7 @@ mod tests {
             console: None,
             in_user_namespace: false,
             cgroup_without_namespace: None,
+            boot_id: None,
         };
         let err = enter_root(&sys, &spec, &setup).unwrap_err();
         assert_eq!(err.what, "mount /proc");

@@ -3,10 +3,16 @@
 //! belongs to the container alone. Removal unmounts the lot.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::syscall::{Errno, Syscall};
 
+/// The agent's state that is not a container's: the boot id file, for one.
+pub const RUNTIME_DIR: &str = "/run/cocoon";
 pub const CONTAINERS_DIR: &str = "/run/cocoon/containers";
+
+/// How long a layer disk may show no capacity before create gives up on it.
+pub const CAPACITY_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
@@ -16,6 +22,8 @@ pub enum RootfsError {
     BadLayerName(String),
     #[error("no virtio disk has serial {0:?}")]
     UnknownSerial(String),
+    #[error("{device} still has no capacity after {waited:?}: its image never arrived")]
+    NoCapacity { device: String, waited: Duration },
     #[error("{what}: {errno}")]
     Sys { what: String, errno: Errno },
 }
@@ -46,6 +54,50 @@ pub fn layer_device(name: &str) -> Result<PathBuf, RootfsError> {
     match name.strip_prefix("/dev/") {
         Some(disk) if is_virtio_disk(disk) => Ok(PathBuf::from(name)),
         _ => Err(RootfsError::BadLayerName(name.to_owned())),
+    }
+}
+
+/// Creates the directories every container's state lives under. Once per guest, at boot.
+pub fn prepare_runtime_dirs(sys: &dyn Syscall) -> Result<(), RootfsError> {
+    // Traversable by all (0711): the root of a user namespace is an unprivileged uid of the
+    // guest and must still reach its rootfs below these.
+    for dir in [RUNTIME_DIR, CONTAINERS_DIR] {
+        context(sys.mkdir(Path::new(dir), 0o711), || format!("create {dir}"))?;
+    }
+    Ok(())
+}
+
+/// Waits until the disk at `device` (`/dev/vdX`) has a non-zero size. A VM restored from a
+/// template gets its images in disks that were empty when the snapshot was taken: the guest
+/// kernel learns the new capacity from a config-change interrupt, on a workqueue, possibly
+/// after the host's create request has arrived. A cold-booted disk has its size already: one
+/// read. A disk without a size file is left for the mount to report.
+pub fn wait_for_capacity(
+    sys: &dyn Syscall,
+    device: &Path,
+    timeout: Duration,
+) -> Result<(), RootfsError> {
+    let Some(disk) = device.file_name() else {
+        return Ok(());
+    };
+    let size_file = Path::new("/sys/block").join(disk).join("size");
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match sys.read_file(&size_file) {
+            Ok(size) if size.trim() != "0" => return Ok(()),
+            Ok(_) => {}
+            Err(_) => return Ok(()),
+        }
+        let waited = start.elapsed();
+        if waited >= timeout {
+            return Err(RootfsError::NoCapacity {
+                device: device.display().to_string(),
+                waited,
+            });
+        }
+        std::thread::sleep(pause.min(timeout - waited));
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -97,13 +149,12 @@ impl Rootfs {
         host_files: Option<&Path>,
     ) -> Result<(), RootfsError> {
         let base = self.base.clone();
-        // Traversable by all (0711): the root of a user namespace is an unprivileged uid of
-        // the guest and must still reach its rootfs below these.
-        for dir in [Path::new("/run/cocoon"), Path::new(CONTAINERS_DIR), &base] {
-            context(sys.mkdir(dir, 0o711), || {
-                format!("create {}", dir.display())
-            })?;
-        }
+        // Under the directories prepare_runtime_dirs made at boot, and 0711 like them: the root
+        // of a user namespace is an unprivileged uid of the guest and must still reach its
+        // rootfs below.
+        context(sys.mkdir(&base, 0o711), || {
+            format!("create {}", base.display())
+        })?;
         // The upper layer's tmpfs: the container's writes, gone with one unmount.
         context(
             sys.mount(
@@ -161,6 +212,7 @@ impl Rootfs {
         target: &Path,
         what: &str,
     ) -> Result<(), RootfsError> {
+        wait_for_capacity(sys, device, CAPACITY_TIMEOUT)?;
         context(sys.mkdir(target, 0o755), || {
             format!("create {}", target.display())
         })?;
@@ -178,14 +230,16 @@ impl Rootfs {
         Ok(())
     }
 
-    /// Unmounts everything, top first. Lazy: a process that still holds a file keeps it, but
-    /// the mounts are gone from the namespace.
+    /// Unmounts everything. Lazy: a process that still holds a file keeps it, but the mounts
+    /// are gone from the namespace. Every other mount is below the base tmpfs, and a lazy
+    /// unmount takes the mounts below with it: one call for the lot.
     pub fn unmount(&mut self, sys: &dyn Syscall) {
-        while let Some(target) = self.mounted.pop() {
-            if let Err(errno) = sys.umount(&target, libc::MNT_DETACH) {
-                tracing_line(&format!("cannot unmount {}: {errno}", target.display()));
-            }
+        if let Some(base) = self.mounted.first()
+            && let Err(errno) = sys.umount(base, libc::MNT_DETACH)
+        {
+            tracing_line(&format!("cannot unmount {}: {errno}", base.display()));
         }
+        self.mounted.clear();
         let _ = sys.rmdir(&self.base);
     }
 }
@@ -216,14 +270,33 @@ mod tests {
             ]
         );
         rootfs.unmount(&sys);
+        // The base tmpfs holds every other mount: detaching it takes them along.
         assert_eq!(
             sys.calls_of("umount"),
-            [
-                "umount /run/cocoon/containers/c1/rootfs 0x2",
-                "umount /run/cocoon/containers/c1/layers/1 0x2",
-                "umount /run/cocoon/containers/c1/layers/0 0x2",
-                "umount /run/cocoon/containers/c1 0x2",
-            ]
+            ["umount /run/cocoon/containers/c1 0x2"]
+        );
+        assert_eq!(sys.calls_of("rmdir"), ["rmdir /run/cocoon/containers/c1"]);
+    }
+
+    #[test]
+    fn a_disk_with_its_size_costs_one_read_and_an_empty_one_times_out_by_name() {
+        let mut sys = Recorder::default();
+        sys.contents
+            .insert("/sys/block/vdb/size".into(), "4096\n".into());
+        sys.contents
+            .insert("/sys/block/vdc/size".into(), "0\n".into());
+        wait_for_capacity(&sys, Path::new("/dev/vdb"), CAPACITY_TIMEOUT).unwrap();
+        // No size file: the mount says what is wrong with the device.
+        wait_for_capacity(&sys, Path::new("/dev/vdz"), CAPACITY_TIMEOUT).unwrap();
+        let start = Instant::now();
+        let err =
+            wait_for_capacity(&sys, Path::new("/dev/vdc"), Duration::from_millis(30)).unwrap_err();
+        assert!(start.elapsed() >= Duration::from_millis(30));
+        assert!(matches!(err, RootfsError::NoCapacity { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/dev/vdc still has no capacity"),
+            "{err}"
         );
     }
 
@@ -237,10 +310,7 @@ mod tests {
         assert!(err.to_string().contains("/dev/vdc"), "{err}");
         assert_eq!(
             sys.calls_of("umount"),
-            [
-                "umount /run/cocoon/containers/c1/layers/0 0x2",
-                "umount /run/cocoon/containers/c1 0x2",
-            ]
+            ["umount /run/cocoon/containers/c1 0x2"]
         );
     }
 

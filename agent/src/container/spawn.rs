@@ -1,7 +1,11 @@
-//! Starting a container process: the agent forks a short-lived helper, which joins the cgroup
-//! (and, for exec, the container's namespaces) and clones the real process with CLONE_PARENT,
-//! so the process is the agent's child, born in the cgroup and, with CLONE_NEWPID, PID 1 of
-//! its namespace. The helper reports the pid and exits.
+//! Starting a container process. The agent forks it directly: the process is the agent's
+//! child, joins the container's cgroup and enters (or creates) its namespaces itself before
+//! anything else. The pid namespace is the exception, since a process cannot move itself into
+//! one: the forking thread switches the pid namespace its children get (a per-thread setting)
+//! around the fork, so the process is born there, PID 1 of a new one. A new user (or time)
+//! namespace has to exist before the pid namespace it owns, and a thread cannot make one: then a
+//! short-lived helper is forked, makes the namespaces with clone(2) and CLONE_PARENT, reports
+//! the pid and exits.
 //!
 //! The process reports back on a pipe: `Ready` once its setup is done, or `Failed` with a
 //! message. It then waits on a second pipe for `start` (runc's create/start split) and execs;
@@ -13,6 +17,7 @@ use std::io::{Read, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -157,20 +162,65 @@ fn install_stdio(stdio: &ChildStdio) -> Result<(), String> {
     Ok(())
 }
 
+/// The signals the agent ignores (SIGPIPE, as Rust's runtime sets it up). exec resets caught
+/// signals to their default but keeps ignored ones, so these are the ones a container process
+/// must reset. Read once, in the agent: it sets its dispositions at startup only.
+fn ignored_signals() -> &'static [libc::c_int] {
+    static IGNORED: OnceLock<Vec<libc::c_int>> = OnceLock::new();
+    IGNORED.get_or_init(|| {
+        (1..32)
+            .filter(|&signal| signal != libc::SIGKILL && signal != libc::SIGSTOP)
+            .filter(|&signal| {
+                // SAFETY: sigaction is plain data; with a null new action, sigaction(2) only
+                // reads the current one into `old`.
+                let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+                // SAFETY: as above; `old` is a valid out-parameter.
+                let rc = unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) };
+                rc == 0 && old.sa_sigaction == libc::SIG_IGN
+            })
+            .collect()
+    })
+}
+
 /// The agent blocks SIGCHLD and ignores SIGPIPE (Rust's runtime does); a container process
-/// must start with neither, as it would from a shell.
-fn reset_signals() {
+/// must start with neither, as it would from a shell. `ignored` comes from [`ignored_signals`],
+/// read before the fork.
+fn reset_signals(ignored: &[libc::c_int]) {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it. Restoring default
     // dispositions and an empty mask only affects this process.
     unsafe {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
-        for signal in 1..32 {
-            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
-                libc::signal(signal, libc::SIG_DFL);
-            }
+        for &signal in ignored {
+            libc::signal(signal, libc::SIG_DFL);
         }
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    }
+}
+
+/// The agent's own pid namespace, to return the forking thread to after a fork into another.
+fn own_pid_namespace() -> Result<RawFd, AgentError> {
+    static OWN: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = OWN.get() {
+        return Ok(fd.as_raw_fd());
+    }
+    // The active pid namespace, which setns(2) always lets a thread return to.
+    let file =
+        File::open("/proc/self/ns/pid").map_err(|e| failed("open the agent's pid namespace", e))?;
+    Ok(OWN.get_or_init(|| file.into()).as_raw_fd())
+}
+
+/// Points the calling thread's future children at a pid namespace: `Some(fd)` joins that one,
+/// `None` makes a new one.
+fn set_children_pid_namespace(join: Option<RawFd>) -> Result<(), AgentError> {
+    let sys = LinuxSyscall;
+    match join {
+        Some(fd) => sys
+            .setns(fd, libc::CLONE_NEWPID)
+            .map_err(|e| failed("join the container's pid namespace", e)),
+        None => sys
+            .unshare(libc::CLONE_NEWPID)
+            .map_err(|e| failed("create a pid namespace", e)),
     }
 }
 
@@ -185,40 +235,31 @@ pub fn spawn(
 ) -> Result<Spawned, AgentError> {
     let (mut report_read, report_write) = pipe()?;
     let (start_read, mut start_write) = pipe()?;
-
-    // SAFETY: fork in a threaded process: glibc keeps malloc usable in the child, and the child
-    // touches no lock another thread could hold (no stdout, no env); it ends in _exit.
-    let helper = unsafe { libc::fork() };
-    if helper < 0 {
-        return Err(failed("fork", std::io::Error::last_os_error()));
-    }
-    if helper == 0 {
-        let gate = Gate {
-            report: report_write.as_raw_fd(),
-            start: start_read.as_raw_fd(),
-            wait_for_start,
-        };
-        let code = helper_main(&namespaces, cgroup_procs, &stdio, &gate, body);
-        // SAFETY: end the helper without unwinding into the agent's code.
-        unsafe { libc::_exit(code) };
-    }
-    drop((report_write, start_read, stdio));
-    let (flags_have_user, id_maps) = match &namespaces {
-        Namespaces::New {
-            clone_flags,
-            id_maps,
-        } => (clone_flags & libc::CLONE_NEWUSER != 0, id_maps.clone()),
-        Namespaces::Join(_) => (false, None),
+    let gate = Gate {
+        report: report_write.as_raw_fd(),
+        start: start_read.as_raw_fd(),
+        wait_for_start,
     };
-    drop(namespaces);
-
-    let first = read_frame::<_, Report>(&mut report_read);
-    reaper().wait(helper);
-    let pid = match first {
-        Ok(Report::Pid(pid)) => pid,
-        Ok(Report::Failed(message)) => return Err(AgentError::new(ErrorKind::Failed, message)),
-        Ok(other) => return Err(failed("spawn", format!("unexpected report {other:?}"))),
-        Err(e) => return Err(failed("spawn helper", e)),
+    let ignored = ignored_signals();
+    let needs_helper = matches!(&namespaces, Namespaces::New { clone_flags, .. }
+        if clone_flags & (libc::CLONE_NEWUSER | CLONE_NEWTIME) != 0);
+    let child = Child {
+        namespaces: &namespaces,
+        cgroup_procs,
+        stdio: &stdio,
+        gate: &gate,
+        ignored,
+    };
+    let forked = if needs_helper {
+        fork_helper(&child, body).map(Forked::Helper)
+    } else {
+        fork_direct(&child, body).map(Forked::Process)
+    };
+    // The child's ends: with them closed here, a child that dies without a word is EOF.
+    drop((report_write, start_read, stdio));
+    let pid = match forked? {
+        Forked::Process(pid) => pid,
+        Forked::Helper(helper) => helper_report(helper, &mut report_read)?,
     };
     let abandon = |error: AgentError| {
         // SAFETY: kill a child we created; reaping follows.
@@ -226,13 +267,18 @@ pub fn spawn(
         reaper().wait(pid);
         error
     };
-    if flags_have_user && let Some((uid_map, gid_map)) = id_maps {
+    if let Namespaces::New {
+        clone_flags,
+        id_maps: Some((uid_map, gid_map)),
+    } = &namespaces
+        && clone_flags & libc::CLONE_NEWUSER != 0
+    {
         let write = |file: &str, map: &str| {
             std::fs::write(format!("/proc/{pid}/{file}"), map)
                 .map_err(|e| failed(&format!("write {file}"), e))
         };
-        if let Err(e) = write("uid_map", &uid_map)
-            .and_then(|()| write("gid_map", &gid_map))
+        if let Err(e) = write("uid_map", uid_map)
+            .and_then(|()| write("gid_map", gid_map))
             .and_then(|()| {
                 start_write
                     .write_all(&[1])
@@ -242,6 +288,7 @@ pub fn spawn(
             return Err(abandon(e));
         }
     }
+    drop(namespaces);
     match read_frame::<_, Report>(&mut report_read) {
         Ok(Report::Ready) => Ok(Spawned {
             pid,
@@ -259,57 +306,145 @@ pub fn spawn(
     }
 }
 
-/// The helper: cgroup, namespaces, clone. Returns its exit code.
-fn helper_main(
-    namespaces: &Namespaces,
-    cgroup_procs: &Path,
-    stdio: &ChildStdio,
-    gate: &Gate,
-    body: impl FnOnce(&Gate) -> Result<Infallible, String>,
-) -> i32 {
-    let mut keep: Vec<RawFd> = vec![gate.report, gate.start];
-    keep.extend(stdio.fds.iter().map(|fd| fd.as_raw_fd()));
-    if let Namespaces::Join(fds) = namespaces {
-        keep.extend(fds.iter().map(|(fd, _)| fd.as_raw_fd()));
-    }
-    close_other_fds(&mut keep);
+/// What a forked process is set up with before its body runs.
+#[derive(Clone, Copy)]
+struct Child<'a> {
+    namespaces: &'a Namespaces,
+    cgroup_procs: &'a Path,
+    stdio: &'a ChildStdio,
+    gate: &'a Gate,
+    ignored: &'a [libc::c_int],
+}
 
-    let fail = |message: String| {
-        report(gate.report, &Report::Failed(message));
-        1
-    };
-    // Joined before the clone, so the process is born in the cgroup (and its pids limit).
-    if let Err(e) = std::fs::write(cgroup_procs, "0") {
-        return fail(format!("join cgroup {}: {e}", cgroup_procs.display()));
+impl Child<'_> {
+    /// In the forked process: closes every fd but its own, then joins the container's cgroup
+    /// (first, so that everything from here on counts against the container's limits).
+    fn enter(&self) -> Result<(), String> {
+        let mut keep: Vec<RawFd> = vec![self.gate.report, self.gate.start];
+        keep.extend(self.stdio.fds.iter().map(|fd| fd.as_raw_fd()));
+        if let Namespaces::Join(fds) = self.namespaces {
+            keep.extend(fds.iter().map(|(fd, _)| fd.as_raw_fd()));
+        }
+        close_other_fds(&mut keep);
+        std::fs::write(self.cgroup_procs, "0")
+            .map_err(|e| format!("join cgroup {}: {e}", self.cgroup_procs.display()))
     }
-    let mut clone_flags = 0;
+}
+
+/// What the agent forked: the process itself, or the helper that will report its pid.
+enum Forked {
+    Process(i32),
+    Helper(i32),
+}
+
+/// CLONE_NEWTIME, which the libc crate does not name.
+const CLONE_NEWTIME: libc::c_int = 0x80;
+
+/// Forks the process itself; returns its pid.
+fn fork_direct(
+    child: &Child,
+    body: impl FnOnce(&Gate) -> Result<Infallible, String>,
+) -> Result<i32, AgentError> {
+    let namespaces = child.namespaces;
+    let pid_namespace = match namespaces {
+        Namespaces::New { clone_flags, .. } if clone_flags & libc::CLONE_NEWPID != 0 => Some(None),
+        Namespaces::New { .. } => None,
+        Namespaces::Join(fds) => fds
+            .iter()
+            .find(|(_, kind)| *kind == libc::CLONE_NEWPID)
+            .map(|(fd, _)| Some(fd.as_raw_fd())),
+    };
+    let own = match pid_namespace {
+        Some(join) => {
+            // Opened before the switch, so that the way back is known to be open.
+            let own = own_pid_namespace()?;
+            set_children_pid_namespace(join)?;
+            Some(own)
+        }
+        None => None,
+    };
+    // SAFETY: fork in a threaded process: glibc keeps malloc usable in the child, and the child
+    // touches no lock another thread could hold (no stdout, no env); it ends in exec or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        child_main(child, body);
+    }
+    let fork_error = std::io::Error::last_os_error();
+    if let Some(own) = own {
+        // Back to the agent's own before anything else: while the thread's children would be
+        // born elsewhere, it cannot even start a thread (clone refuses CLONE_THREAD then).
+        if let Err(e) = LinuxSyscall.setns(own, libc::CLONE_NEWPID) {
+            crate::console::line(&format!(
+                "cocoon-agent: cannot return a thread to the agent's pid namespace: {e}"
+            ));
+        }
+    }
+    if pid < 0 {
+        return Err(failed("fork", fork_error));
+    }
+    Ok(pid)
+}
+
+/// The forked process up to `body`: stdio and fds, cgroup, namespaces but the pid one (which it
+/// was born in). Never returns.
+fn child_main(child: &Child, body: impl FnOnce(&Gate) -> Result<Infallible, String>) -> ! {
+    let Child {
+        namespaces,
+        stdio,
+        gate,
+        ignored,
+        ..
+    } = *child;
+    let fail = |message: String| -> ! {
+        report(gate.report, &Report::Failed(message));
+        // SAFETY: end the process without unwinding into the agent's code.
+        unsafe { libc::_exit(1) }
+    };
+    if let Err(message) = child.enter() {
+        fail(message);
+    }
     match namespaces {
-        Namespaces::New {
-            clone_flags: flags, ..
-        } => clone_flags = *flags,
+        Namespaces::New { clone_flags, .. } => {
+            let flags = clone_flags & !libc::CLONE_NEWPID;
+            if flags != 0
+                && let Err(e) = LinuxSyscall.unshare(flags)
+            {
+                fail(format!("create namespaces {flags:#x}: {e}"));
+            }
+        }
         Namespaces::Join(fds) => {
-            // The user namespace first: the others may belong to it.
-            let mut ordered: Vec<&(OwnedFd, libc::c_int)> = fds.iter().collect();
-            ordered.sort_by_key(|(_, kind)| *kind != libc::CLONE_NEWUSER);
-            for (fd, kind) in ordered {
-                if let Err(e) = LinuxSyscall.setns(fd.as_raw_fd(), *kind) {
-                    return fail(format!("join namespace {kind:#x}: {e}"));
-                }
+            if let Err(message) = join_namespaces(fds, libc::CLONE_NEWPID) {
+                fail(message);
             }
         }
     }
-    let flags = (clone_flags | libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong;
-    // SAFETY: a fork-like clone (no new stack, no shared memory) from a single-threaded
-    // process; the child continues below on its own copy of everything.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
-    if pid < 0 {
-        return fail(format!("clone: {}", std::io::Error::last_os_error()));
+    let code = become_container_process(stdio, gate, ignored, body);
+    // SAFETY: end the process without unwinding into the agent's code.
+    unsafe { libc::_exit(code) }
+}
+
+/// setns into `fds` but the `skip` kind, the user namespace first: the others may belong to it.
+fn join_namespaces(fds: &[(OwnedFd, libc::c_int)], skip: libc::c_int) -> Result<(), String> {
+    let mut ordered: Vec<&(OwnedFd, libc::c_int)> =
+        fds.iter().filter(|(_, kind)| *kind != skip).collect();
+    ordered.sort_by_key(|(_, kind)| *kind != libc::CLONE_NEWUSER);
+    for (fd, kind) in ordered {
+        LinuxSyscall
+            .setns(fd.as_raw_fd(), *kind)
+            .map_err(|e| format!("join namespace {kind:#x}: {e}"))?;
     }
-    if pid > 0 {
-        report(gate.report, &Report::Pid(pid as i32));
-        return 0;
-    }
-    reset_signals();
+    Ok(())
+}
+
+/// Signals, session and stdio of a container process, then `body`. Returns the exit code when
+/// `body` could not exec.
+fn become_container_process(
+    stdio: &ChildStdio,
+    gate: &Gate,
+    ignored: &[libc::c_int],
+    body: impl FnOnce(&Gate) -> Result<Infallible, String>,
+) -> i32 {
+    reset_signals(ignored);
     // SAFETY: setsid in the new process, which is not a group leader.
     unsafe { libc::setsid() };
     let message = match install_stdio(stdio) {
@@ -321,4 +456,64 @@ fn helper_main(
     };
     report(gate.report, &Report::Failed(message));
     127
+}
+
+/// Forks the helper that clones the process; returns the helper's pid.
+fn fork_helper(
+    child: &Child,
+    body: impl FnOnce(&Gate) -> Result<Infallible, String>,
+) -> Result<i32, AgentError> {
+    // SAFETY: fork in a threaded process: glibc keeps malloc usable in the child, and the child
+    // touches no lock another thread could hold (no stdout, no env); it ends in _exit.
+    let helper = unsafe { libc::fork() };
+    if helper < 0 {
+        return Err(failed("fork", std::io::Error::last_os_error()));
+    }
+    if helper == 0 {
+        let code = helper_main(child, body);
+        // SAFETY: end the helper without unwinding into the agent's code.
+        unsafe { libc::_exit(code) };
+    }
+    Ok(helper)
+}
+
+/// The pid the helper reports, once the helper is reaped.
+fn helper_report(helper: i32, report_read: &mut File) -> Result<i32, AgentError> {
+    let first = read_frame::<_, Report>(report_read);
+    reaper().wait(helper);
+    match first {
+        Ok(Report::Pid(pid)) => Ok(pid),
+        Ok(Report::Failed(message)) => Err(AgentError::new(ErrorKind::Failed, message)),
+        Ok(other) => Err(failed("spawn", format!("unexpected report {other:?}"))),
+        Err(e) => Err(failed("spawn helper", e)),
+    }
+}
+
+/// The helper: cgroup, clone with the new namespaces. Returns its exit code.
+fn helper_main(child: &Child, body: impl FnOnce(&Gate) -> Result<Infallible, String>) -> i32 {
+    let gate = child.gate;
+    let fail = |message: String| {
+        report(gate.report, &Report::Failed(message));
+        1
+    };
+    // Joined before the clone, so the process is born in the cgroup (and its pids limit).
+    if let Err(message) = child.enter() {
+        return fail(message);
+    }
+    let clone_flags = match child.namespaces {
+        Namespaces::New { clone_flags, .. } => *clone_flags,
+        Namespaces::Join(_) => 0,
+    };
+    let flags = (clone_flags | libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong;
+    // SAFETY: a fork-like clone (no new stack, no shared memory) from a single-threaded
+    // process; the child continues below on its own copy of everything.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    if pid < 0 {
+        return fail(format!("clone: {}", std::io::Error::last_os_error()));
+    }
+    if pid > 0 {
+        report(gate.report, &Report::Pid(pid as i32));
+        return 0;
+    }
+    become_container_process(child.stdio, gate, child.ignored, body)
 }

@@ -25,6 +25,7 @@ pub fn prepare(global: &Global, args: &CreateArgs) -> Result<(ContainerDir, Bund
         id: &args.id,
         bundle: &args.bundle,
         console_socket: args.console_socket.as_deref(),
+        no_template: args.no_template,
     })
 }
 

@@ -15,6 +15,7 @@ pub mod run;
 pub mod spec;
 pub mod start;
 pub mod state;
+pub mod template;
 pub mod update;
 
 use std::path::PathBuf;
@@ -80,6 +81,9 @@ pub struct CreateArgs {
     /// Accepted for runc compatibility; extra fds are not passed into the VM.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub preserve_fds: u32,
+    /// Boot the microVM instead of restoring it from a template.
+    #[arg(long)]
+    pub no_template: bool,
     /// The container id.
     pub id: String,
 }
@@ -259,6 +263,11 @@ pub enum Command {
     Check {
         #[arg(short, long, default_value = "text", value_name = "text|json")]
         format: String,
+    },
+    /// Manage the templates (snapshots of booted microVMs) that sandboxes are restored from.
+    Template {
+        #[command(subcommand)]
+        command: template::TemplateCommand,
     },
     /// Write a default config.json to the bundle directory.
     Spec {

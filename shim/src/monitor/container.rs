@@ -62,7 +62,7 @@ pub fn run(
             && restore_from.is_none()
         {
             hooks_ran = true;
-            start_with_hooks(&container, dir, record)?;
+            start_with_hooks(&sandbox.container(id), dir, record)?;
         }
         Ok((sandbox, stdio))
     });
@@ -137,6 +137,7 @@ fn open_restored(
         .clone()
         .unwrap_or_else(|| container.id().chars().take(64).collect());
     sandbox.setup_guest(hostname)?;
+    crate::logging::phase("identity set");
     Ok((sandbox, Stdio::detached()))
 }
 
@@ -144,10 +145,10 @@ fn open_restored(
 fn open(dir: &Path, container: &Container) -> Result<(Sandbox, Stdio), CliError> {
     let launch = Launch::read(dir)?;
     crate::logging::phase("vm starting");
-    let sandbox = Sandbox::boot(&SandboxConfig::for_launch(
-        &launch,
-        container.vsock_socket(),
-    ))?;
+    let sandbox = Sandbox::start(
+        &SandboxConfig::for_launch(&launch, container.vsock_socket()),
+        &launch.start,
+    )?;
     let id = container.id();
     let hostname = launch
         .spec
@@ -155,6 +156,7 @@ fn open(dir: &Path, container: &Container) -> Result<(Sandbox, Stdio), CliError>
         .clone()
         .unwrap_or_else(|| id.chars().take(64).collect());
     sandbox.setup_guest(hostname)?;
+    crate::logging::phase("identity set");
     let stdio = Stdio::attach(
         container.vsock_socket(),
         id,
@@ -174,6 +176,7 @@ fn open(dir: &Path, container: &Container) -> Result<(Sandbox, Stdio), CliError>
         layers,
         host_files,
         stdio: stdio.config,
+        owns_guest: true,
     })?;
     crate::logging::phase("container created");
     if let Some((rows, cols)) = stdio.window_size() {
