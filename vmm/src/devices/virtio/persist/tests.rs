@@ -508,6 +508,9 @@ fn a_restored_vsock_has_no_connections() {
     let mut vsock = Vsock::new(3, &path).unwrap();
     vsock.process_queue(TX_QUEUE, &mut queues, &m);
     assert_eq!(vsock.connection_count(), 1);
+    // As if the host had made connections: the restored device must not reuse their ports.
+    let next = vsock.next_port() + 7;
+    vsock.continue_ports_from(next);
 
     let DeviceState::Vsock(state) = vsock.save() else {
         panic!("not a vsock state");
@@ -517,8 +520,22 @@ fn a_restored_vsock_has_no_connections() {
     let restored = state.restore("vsock0", Some(&moved)).unwrap();
     assert_eq!(restored.connection_count(), 0);
     assert_eq!(restored.uds_path(), moved);
+    assert_eq!(
+        restored.next_port(),
+        next,
+        "host ports go on where they were"
+    );
     assert!(std::os::unix::net::UnixStream::connect(&moved).is_ok());
 
+    let low = VsockState {
+        next_port: 5,
+        ..state.clone()
+    };
+    let clamped = low.restore("vsock0", Some(&dir.join("low.sock"))).unwrap();
+    assert!(
+        clamped.next_port() >= 1 << 30,
+        "below the host range: starts at its start"
+    );
     let bad = VsockState { cid: 2, ..state };
     assert!(matches!(
         bad.restore("vsock0", None),

@@ -47,6 +47,14 @@ impl Vsock {
         self.muxer.uds_path()
     }
 
+    pub fn next_port(&self) -> u32 {
+        self.muxer.next_port()
+    }
+
+    pub fn continue_ports_from(&mut self, port: u32) {
+        self.muxer.continue_ports_from(port);
+    }
+
     pub fn connection_count(&self) -> usize {
         self.muxer.connection_count()
     }

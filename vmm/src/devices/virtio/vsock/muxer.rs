@@ -232,6 +232,17 @@ impl Muxer {
         }
     }
 
+    /// The host-side port the next host-initiated connection gets.
+    pub fn next_port(&self) -> u32 {
+        self.next_port
+    }
+
+    /// Goes on allocating host-side ports from `port` (a restored device continues where the
+    /// saved one was: see `VsockState::next_port`).
+    pub fn continue_ports_from(&mut self, port: u32) {
+        self.next_port = port.max(FIRST_LOCAL_PORT);
+    }
+
     fn allocate_port(&mut self) -> u32 {
         loop {
             let port = self.next_port;

@@ -16,6 +16,11 @@ pub struct VsockState {
     pub cid: u64,
     /// Absolute.
     pub uds_path: PathBuf,
+    /// The host-side port for the next host-initiated connection. A restored device goes on
+    /// from here: the guest may still hold sockets of the saved process's connections (reset
+    /// but not yet closed by their owners), and a new connection reusing one of their ports
+    /// would reach that dead socket and be refused.
+    pub next_port: u32,
 }
 
 impl VsockState {
@@ -24,6 +29,7 @@ impl VsockState {
         VsockState {
             cid: vsock.cid(),
             uds_path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
+            next_port: vsock.next_port(),
         }
     }
 
@@ -39,10 +45,12 @@ impl VsockState {
             });
         }
         let path = over.unwrap_or(&self.uds_path);
-        Vsock::new(self.cid, path).map_err(|source| PersistError::Io {
+        let mut vsock = Vsock::new(self.cid, path).map_err(|source| PersistError::Io {
             id: id.into(),
             what: format!("listen on vsock socket {}", path.display()),
             source,
-        })
+        })?;
+        vsock.continue_ports_from(self.next_port);
+        Ok(vsock)
     }
 }
