@@ -100,6 +100,21 @@ impl Cocoon {
     }
 }
 
+/// A test that fails half-way must not leave its containers' VMs running: every container
+/// still under the root is deleted with --force.
+impl Drop for Cocoon {
+    fn drop(&mut self) {
+        for id in self.containers() {
+            let _ = self
+                .command(&["delete", "--force", &id])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// A bundle running `args` in the busybox root filesystem.
 pub fn bundle(dir: &Path, args: &[&str]) -> PathBuf {
     let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/make-bundle.sh");

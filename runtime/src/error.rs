@@ -85,11 +85,7 @@ impl Error {
     pub fn is_load_failure(&self) -> bool {
         matches!(
             self,
-            Error::Snapshot(_)
-                | Error::Vm(_)
-                | Error::EndedWhileBooting(_)
-                | Error::AgentTimeout(_)
-                | Error::Agent(_)
+            Error::Snapshot(_) | Error::EndedWhileBooting(_) | Error::AgentTimeout(_)
         )
     }
 

@@ -223,8 +223,8 @@ impl Sandbox {
         let spec = TemplateSpec::for_sandbox(config)?;
         let mut retried = false;
         loop {
-            crate::phase::phase("template ready");
             let template = templates.ensure(&spec, config.boot_timeout)?;
+            crate::phase::phase("template ready");
             match Sandbox::from_template(config, &template) {
                 Err(e) if !retried && e.is_load_failure() => {
                     templates.discard(&template, &e);
@@ -244,6 +244,11 @@ impl Sandbox {
                 config.disks.len(),
                 slots.len()
             )));
+        }
+        // The container's own images, opened first: one that is missing is the container's
+        // error, not a reason to throw the template away.
+        for disk in &config.disks {
+            std::fs::File::open(disk).map_err(Error::io("open", disk))?;
         }
         let mut filled = config.clone();
         filled
@@ -283,11 +288,6 @@ impl Sandbox {
             };
             std::thread::sleep(Duration::from_millis(pause));
         }
-    }
-
-    /// A new connection to the agent.
-    pub fn agent(&self) -> Result<AgentClient, Error> {
-        Ok(AgentClient::connect(&self.vsock_socket)?)
     }
 
     pub fn vsock_socket(&self) -> &Path {
