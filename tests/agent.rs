@@ -10,16 +10,20 @@ use std::time::Duration;
 use cocoon_agent_protocol::client::{AgentClient, ClientError};
 use cocoon_agent_protocol::frame::{read_frame, write_frame};
 use cocoon_agent_protocol::message::{
-    ContainerStatus, CreateContainer, ErrorKind, ExecProcess, GuestCounters, GuestSetup,
-    ReplyEnvelope, StdioConfig, StdioStream,
+    ContainerStatus, CreateContainer, ErrorKind, ExecProcess, GuestCounters, GuestInterface,
+    GuestRoute, GuestSetup, IpPrefix, NetworkSetup, ReplyEnvelope, StdioConfig, StdioStream,
 };
 use oci_spec::runtime::Process;
 use serde_json::{Value, json};
 
-use cocoon_tests::guest::{Guest, exited, reader, spec, to_spec};
+use cocoon_tests::guest::{Guest, Outcome, exited, reader, spec, to_spec};
 use cocoon_tests::{ONE_VM_AT_A_TIME, RunningVm, Scratch, artifacts_or_skip, rootfs_or_skip};
 
-fn boot(scratch: &Scratch, rootfs: &Path) -> (RunningVm, Guest) {
+/// The MAC the VMM gives the main test's NIC: detached (no host side), it is there for the
+/// agent to find and make into the engine's interface.
+const NIC_MAC: [u8; 6] = [0x02, 0xc0, 0xc0, 0x00, 0x00, 0x01];
+
+fn boot(scratch: &Scratch, rootfs: &Path, extra: &[&str]) -> (RunningVm, Guest) {
     let artifacts = artifacts_or_skip("agent").expect("checked by the caller");
     let uds = scratch.path("vsock.sock");
     let child = artifacts
@@ -28,6 +32,7 @@ fn boot(scratch: &Scratch, rootfs: &Path) -> (RunningVm, Guest) {
         .args(["--memory", "256", "--cpus", "2"])
         .args(["--disk", &format!("{},ro", rootfs.display())])
         .args(["--vsock", &format!("3,{}", uds.display())])
+        .args(extra)
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the VMM");
@@ -55,7 +60,7 @@ fn containers_run_in_the_guest_like_runc_runs_them() {
         return;
     };
     let scratch = Scratch::new("agent");
-    let (_vm, guest) = boot(&scratch, &rootfs);
+    let (_vm, guest) = boot(&scratch, &rootfs, &["--net", "none,02:c0:c0:00:00:01"]);
 
     let hello = guest.run("echo", spec(&["echo", "hello from the guest"]), None);
     assert_eq!(hello.stdout, "hello from the guest\n");
@@ -191,6 +196,7 @@ fn containers_run_in_the_guest_like_runc_runs_them() {
             realtime_ns: Some(now.as_nanos() as u64),
             entropy: vec![7; 64],
             boot_id: Some(BOOT_ID.into()),
+            network: NetworkSetup::default(),
         })
         .unwrap();
     // The host's boot id in a container that masks and write-protects /proc/sys as runc's
@@ -211,6 +217,7 @@ fn containers_run_in_the_guest_like_runc_runs_them() {
         realtime_ns: None,
         entropy: Vec::new(),
         boot_id: Some(BOOT_ID.to_uppercase()),
+        network: NetworkSetup::default(),
     });
     assert!(
         matches!(&refused, Err(ClientError::Agent(e)) if e.kind == ErrorKind::InvalidArgument),
@@ -271,6 +278,7 @@ fn containers_run_in_the_guest_like_runc_runs_them() {
     check_exec(&guest);
     check_terminal(&guest);
     check_errors(&guest);
+    check_guest_network(&guest);
     check_nothing_left_behind(&guest);
 }
 
@@ -416,6 +424,152 @@ fn check_loopback_and_devices(guest: &Guest) {
         "{}",
         devices.stderr
     );
+}
+
+/// `sh -c SCRIPT` in a container owning the guest, as the runtime creates it, with the engine's
+/// network namespace in its spec (a path, as Podman and containerd give it).
+fn run_owning(guest: &Guest, id: &str, script: &str, guest_network: bool) -> Outcome {
+    let mut spec = spec(&["sh", "-c", script]);
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "network", "path": "/var/run/netns/cni-test"}));
+    let stdout = reader(guest.attach(id, None, StdioStream::Stdout));
+    let stderr = reader(guest.attach(id, None, StdioStream::Stderr));
+    let mut client = guest.client();
+    client
+        .create_container(CreateContainer {
+            container_id: id.into(),
+            spec: to_spec(spec),
+            layers: vec![guest.disk.clone()],
+            host_files: None,
+            stdio: StdioConfig {
+                stdout: true,
+                stderr: true,
+                ..StdioConfig::default()
+            },
+            owns_guest: true,
+            guest_network,
+        })
+        .expect("create");
+    client.start_container(id).expect("start");
+    let status = guest.client().wait(id, None).expect("wait");
+    client.remove_container(id).expect("remove");
+    Outcome {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// The engine's network carried into the guest: the NIC (found by the VMM's MAC) becomes the
+/// engine's eth0 with its MAC, MTU, addresses and routes, which a container with the guest's
+/// network sees as it would under runc; a container without it sees loopback only.
+fn check_guest_network(guest: &Guest) {
+    let addr = |a: &str, prefix| IpPrefix {
+        addr: a.parse().unwrap(),
+        prefix,
+    };
+    let via = |gateway: &str| GuestRoute {
+        gateway: Some(gateway.parse().unwrap()),
+        device: Some("eth0".into()),
+        ..GuestRoute::default()
+    };
+    let network = NetworkSetup {
+        interfaces: vec![GuestInterface {
+            device_mac: NIC_MAC,
+            name: "eth0".into(),
+            mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            mtu: 1400,
+            addresses: vec![addr("10.88.0.5", 16), addr("fd00:88::5", 64)],
+        }],
+        routes: vec![
+            via("10.88.0.1"),
+            via("fd00:88::1"),
+            GuestRoute {
+                destination: Some(addr("192.168.77.0", 24)),
+                gateway: Some("10.88.0.254".parse().unwrap()),
+                metric: Some(50),
+                ..GuestRoute::default()
+            },
+        ],
+    };
+    let setup = |network: NetworkSetup| GuestSetup {
+        hostname: None,
+        realtime_ns: None,
+        entropy: Vec::new(),
+        boot_id: None,
+        network,
+    };
+    // A bad network is refused before anything changes.
+    let mut bad = network.clone();
+    bad.routes[2].device = Some("eth9".into());
+    let refused = guest.client().setup_guest(setup(bad));
+    assert!(
+        matches!(&refused, Err(ClientError::Agent(e))
+            if e.kind == ErrorKind::InvalidArgument && e.message.contains("eth9")),
+        "{refused:?}"
+    );
+    let mut client = guest.client();
+    let started = std::time::Instant::now();
+    client.setup_guest(setup(network.clone())).unwrap();
+    eprintln!("setup_guest with the network: {:?}", started.elapsed());
+    // Once per VM, but a repeat does no harm.
+    client.setup_guest(setup(network)).unwrap();
+
+    let started = std::time::Instant::now();
+    let shown = run_owning(
+        guest,
+        "net-guest",
+        "ip addr; ip route; ip -6 route; cat /sys/class/net/eth0/mtu",
+        true,
+    );
+    eprintln!(
+        "a container in the guest's network: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(shown.status, exited(0), "{}", shown.stderr);
+    // busybox's ip pads with blanks here and there: compare words.
+    let lines: Vec<String> = shown
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let has = |prefix: &str| lines.iter().any(|l| l.starts_with(prefix));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(" eth0: <") && l.contains(",UP") && l.contains(" mtu 1400 ")),
+        "{}",
+        shown.stdout
+    );
+    for expected in [
+        "link/ether 52:54:00:12:34:56 brd ff:ff:ff:ff:ff:ff",
+        "inet 10.88.0.5/16 brd 10.88.255.255 scope global eth0",
+        "inet6 fd00:88::5/64 scope global",
+        "default via 10.88.0.1 dev eth0",
+        "10.88.0.0/16 dev eth0 scope link src 10.88.0.5",
+        "192.168.77.0/24 via 10.88.0.254 dev eth0 metric 50",
+        "fd00:88::/64 dev eth0 metric 256",
+        "default via fd00:88::1 dev eth0 metric 1024",
+        "1400",
+    ] {
+        assert!(has(expected), "no {expected:?} in\n{}", shown.stdout);
+    }
+    assert!(!shown.stdout.contains("02:c0:c0"), "{}", shown.stdout);
+
+    let started = std::time::Instant::now();
+    let alone = run_owning(
+        guest,
+        "net-none",
+        "ls /sys/class/net; ip route | wc -l; ip addr | grep -c inet",
+        false,
+    );
+    eprintln!(
+        "a container in a network namespace of its own: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(alone.stdout, "lo\n0\n2\n", "{}", alone.stderr);
 }
 
 /// A long-running container, a process exec'd into it, signals, stats and the process list.
@@ -668,7 +822,7 @@ fn counters_show_what_the_container_path_costs_the_guest() {
         return;
     };
     let scratch = Scratch::new("agent-counters");
-    let (_vm, guest) = boot(&scratch, &rootfs);
+    let (_vm, guest) = boot(&scratch, &rootfs, &[]);
     // One connection for everything: each new one costs the agent a thread, which `forks` counts.
     let mut client = guest.client();
     let first = client.counters().unwrap();
@@ -699,6 +853,8 @@ fn counters_show_what_the_container_path_costs_the_guest() {
                     host_files: None,
                     stdio: StdioConfig::default(),
                     owns_guest,
+                    // The guest's network, as the runtime asks when the engine gave one.
+                    guest_network: owns_guest,
                 })
                 .unwrap();
             readings.push(client.counters().unwrap());

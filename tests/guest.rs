@@ -108,6 +108,7 @@ impl Guest {
             stdio,
             // Many containers share this guest.
             owns_guest: false,
+            guest_network: false,
         })
     }
 

@@ -357,9 +357,9 @@ pub fn debian_inputs_or_skip(test: &str, engine: &str) -> Option<DebianInputs> {
 
 /// Podman (Debian's 4.3, with conmon) with configuration and storage of its own under a
 /// scratch directory and `runtime` as its default OCI runtime, named `cocoon`. Only what these
-/// machines need differs from Podman's defaults (docs/podman.md), plus `netns = "none"`
-/// until containers get networking, plus `containers_extra` lines in `[containers]`. Dropping
-/// it removes its containers and storage.
+/// machines need differs from Podman's defaults (docs/podman.md), plus `netns = "none"` for the
+/// suites that need no network (see [`Podman::networked`]), plus `containers_extra` lines in
+/// `[containers]`. Dropping it removes its containers and storage.
 pub struct Podman {
     pub conf: PathBuf,
     pub storage: PathBuf,
@@ -367,12 +367,25 @@ pub struct Podman {
 
 impl Podman {
     pub fn setup(scratch: &Scratch, runtime: &Path, containers_extra: &str) -> Podman {
+        Podman::with_containers(
+            scratch,
+            runtime,
+            &format!("netns = \"none\"\n{containers_extra}"),
+        )
+    }
+
+    /// Podman with its default network (netavark's `podman` bridge, 10.88.0.0/16).
+    pub fn networked(scratch: &Scratch, runtime: &Path) -> Podman {
+        Podman::with_containers(scratch, runtime, "")
+    }
+
+    fn with_containers(scratch: &Scratch, runtime: &Path, containers: &str) -> Podman {
         let dir = &scratch.0;
         let conf = scratch.path("containers.conf");
         std::fs::write(
             &conf,
             format!(
-                "[containers]\nnetns = \"none\"\n{containers_extra}\n\
+                "[containers]\n{containers}\n\
                  [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
                  events_logfile_path = \"{dir}/events.log\"\nruntime = \"cocoon\"\ntmp_dir = \"{dir}/tmp\"\n\
                  [engine.runtimes]\ncocoon = [\"{runtime}\"]\n",

@@ -1,11 +1,14 @@
-//! virtio-net end to end: a TAP in a network namespace the test creates (and removes), the VMM
-//! started inside it, the guest configured over vsock, then ping and a TCP transfer whose content
-//! is verified on the host.
+//! virtio-net end to end: a TAP in a network namespace the test creates (and removes), opened
+//! there by the test and handed to a VMM outside the namespace as a file descriptor (`--net
+//! fd=N`, as the runtime does), with a second, detached NIC (`--net none`); the guest configured
+//! over vsock, then ping and TCP transfers both ways whose content is verified.
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,6 +93,32 @@ fn in_netns(ns: &str) {
     assert_eq!(rc, 0, "setns");
 }
 
+/// Opens the namespace's tap0 from a thread that joins it, as the runtime opens a sandbox's
+/// TAP: `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`.
+fn open_tap_in(ns: &str) -> File {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        in_netns(&ns);
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("open /dev/net/tun");
+        // SAFETY: ifreq is plain data; zero is valid, and we fill the name and flags.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(b"tap0") {
+            *dst = *src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | 0x4000) as libc::c_short;
+        // SAFETY: TUNSETIFF (0x400454ca) reads and writes the ifreq we own.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), 0x4004_54ca, &mut ifr) };
+        assert_eq!(rc, 0, "TUNSETIFF tap0: {}", std::io::Error::last_os_error());
+        tun
+    })
+    .join()
+    .unwrap()
+}
+
 /// Binds a TCP listener inside the namespace, from a thread that joins it.
 fn listen_in(ns: &str) -> TcpListener {
     let ns = ns.to_owned();
@@ -119,23 +148,36 @@ fn guest_nic_pings_and_moves_tcp_through_a_tap() {
     };
     let scratch = Scratch::new("net");
     let uds = scratch.path("v.sock");
-    let child = artifacts
-        .vmm_command(&["ip", "netns", "exec", &ns.0])
-        .args([
-            "--console",
-            "off",
-            "--vsock",
-            &format!("3,{}", uds.display()),
-        ])
-        .args([
-            "--net",
-            &format!("tap0,{MAC}"),
-            "--cmdline",
-            "cocoon.selftest=1",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // The test keeps its own fd (the VMM duplicates it); the child inherits it across exec.
+    let tap = open_tap_in(&ns.0);
+    let tap_fd = tap.as_raw_fd();
+    let mut vmm = artifacts.vmm_command(&[]);
+    vmm.args([
+        "--console",
+        "off",
+        "--vsock",
+        &format!("3,{}", uds.display()),
+    ])
+    .args([
+        "--net",
+        &format!("fd={tap_fd},{MAC}"),
+        "--net",
+        "none,02:00:00:c0:c0:06",
+        "--cmdline",
+        "cocoon.selftest=1",
+    ])
+    .stderr(Stdio::piped());
+    // SAFETY: between fork and exec the closure only calls fcntl, which is async-signal-safe,
+    // to clear close-on-exec on the TAP fd the child must inherit.
+    unsafe {
+        vmm.pre_exec(move || {
+            if libc::fcntl(tap_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = vmm.spawn().unwrap();
     let mut vm = Vm(child);
     let start = Instant::now();
     let mac = loop {
@@ -231,6 +273,7 @@ fn guest_nic_pings_and_moves_tcp_through_a_tap() {
         .read_to_string(&mut stderr)
         .unwrap();
     assert!(status.success(), "VMM: {status} {stderr}");
+    drop(tap);
     drop(ns);
     assert!(
         !Path::new(&format!(

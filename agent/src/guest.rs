@@ -1,6 +1,6 @@
 //! The guest's identity from the host: hostname, wall clock, fresh entropy and the boot id its
-//! containers see. A VM restored from a snapshot would otherwise share all four with its
-//! siblings.
+//! containers see (a VM restored from a snapshot would otherwise share all four with its
+//! siblings), and the engine's network for the containers that share the guest's.
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -44,6 +44,7 @@ pub fn setup(setup: &GuestSetup) -> Result<(), AgentError> {
             format!("boot id {boot_id:?} is not a lowercase UUID (8-4-4-4-12 hex digits)"),
         ));
     }
+    crate::netconf::validate(&setup.network)?;
     if let Some(hostname) = &setup.hostname {
         // SAFETY: pointer and length describe the hostname's bytes.
         if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
@@ -66,6 +67,9 @@ pub fn setup(setup: &GuestSetup) -> Result<(), AgentError> {
     if let Some(boot_id) = &setup.boot_id {
         store_boot_id(boot_id)?;
     }
+    // In the agent's own network namespace, the guest's root one, before the reply: the
+    // containers the host creates next find it done.
+    crate::netconf::apply(&setup.network)?;
     Ok(())
 }
 
@@ -158,6 +162,7 @@ mod tests {
             realtime_ns: None,
             entropy: Vec::new(),
             boot_id: Some("not-a-uuid".into()),
+            network: Default::default(),
         };
         let err = super::setup(&setup).unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidArgument);

@@ -76,6 +76,8 @@ pub enum Error {
     #[error("{0}")]
     Monitor(String),
     #[error("{0}")]
+    Network(#[from] crate::network::NetworkError),
+    #[error("{0}")]
     Other(String),
 }
 

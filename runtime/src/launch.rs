@@ -75,6 +75,7 @@ pub fn prepare(request: &CreateRequest) -> Result<(ContainerDir, Bundle), Error>
     let bundle = Bundle::load(request.bundle)?;
     bundle.require_process()?;
     hooks::check(bundle.spec.hooks().as_ref())?;
+    crate::network::check(&bundle.spec)?;
     if bundle.terminal() && request.console_socket.is_none() {
         return Err(Error::ConsoleSocketRequired);
     }

@@ -9,6 +9,7 @@
 //! - `control`: the socket over which other processes reach a sandbox's VMM (pause, resume);
 //! - `state`: the per-container directory and record; `hooks`: the spec's hooks on the host;
 //! - `template`: booted VMs saved once, which sandboxes are restored from;
+//! - `network`: the engine's network namespace carried into the VM (TAPs, tc mirroring);
 //! - `stdio`, `console`: a process's stdio and terminal relayed to the guest.
 
 pub mod bundle;
@@ -21,6 +22,7 @@ pub mod hooks;
 pub mod host_files;
 pub mod images;
 pub mod launch;
+pub mod network;
 pub mod phase;
 pub mod sandbox;
 pub mod signal;

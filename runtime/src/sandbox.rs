@@ -3,6 +3,7 @@
 //! monitor does) and reach its containers through [`Container`] handles, which need only the
 //! VM's vsock socket, so other processes can make them too.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -10,8 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 use cocoon_agent_protocol::client::{AgentClient, ClientError};
 use cocoon_agent_protocol::message::{
     ContainerStats, CreateContainer, ExecProcess, ExitStatus, GuestCounters, GuestSetup,
+    NetworkSetup,
 };
-use cocoon_vmm::config::{ConsoleConfig, DiskConfig, VmConfig, VsockConfig};
+use cocoon_vmm::config::{ConsoleConfig, DiskConfig, NetConfig, TapSource, VmConfig, VsockConfig};
 use cocoon_vmm::lifecycle::ExitReason;
 use cocoon_vmm::snapshot::RestoreConfig;
 use cocoon_vmm::vm::Vm;
@@ -47,11 +49,20 @@ pub struct SandboxConfig {
     /// The VMM's host-side vsock socket.
     pub vsock_socket: PathBuf,
     pub boot_timeout: Duration,
+    /// The TAPs of the VM's NICs, in order (see `network::carry`).
+    pub taps: Vec<Arc<OwnedFd>>,
+    /// How many NICs the VM has: one per TAP, and detached ones after them (a template's
+    /// spare, which clones attach their TAPs to).
+    pub nic_slots: usize,
 }
 
 impl SandboxConfig {
     /// The sandbox of a container `create` prepared: its layers, then its host files.
-    pub fn for_launch(launch: &Launch, vsock_socket: &Path) -> SandboxConfig {
+    pub fn for_launch(
+        launch: &Launch,
+        vsock_socket: &Path,
+        taps: &[Arc<OwnedFd>],
+    ) -> SandboxConfig {
         SandboxConfig {
             kernel: launch.kernel.clone(),
             initrd: launch.initrd.clone(),
@@ -65,6 +76,19 @@ impl SandboxConfig {
                 .collect(),
             vsock_socket: vsock_socket.to_owned(),
             boot_timeout: Duration::from_secs(launch.boot_timeout_secs),
+            taps: taps.to_vec(),
+            nic_slots: taps.len(),
+        }
+    }
+
+    /// NIC `slot` on its TAP, or detached when it has none.
+    fn nic(&self, slot: usize) -> NetConfig {
+        NetConfig {
+            tap: self
+                .taps
+                .get(slot)
+                .map_or(TapSource::Detached, |tap| TapSource::Fd(tap.as_raw_fd())),
+            mac: crate::network::nic_mac(slot),
         }
     }
 
@@ -88,7 +112,9 @@ impl SandboxConfig {
                 cid: GUEST_CID,
                 uds: self.vsock_socket.clone(),
             }),
-            net: None,
+            nets: (0..self.nic_slots.max(self.taps.len()))
+                .map(|slot| self.nic(slot))
+                .collect(),
             console: ConsoleConfig::Off,
         }
     }
@@ -204,6 +230,9 @@ impl Sandbox {
                 (format!("block{i}"), disk)
             })
             .collect();
+        restore.overrides.nets = (0..config.taps.len())
+            .map(|slot| (format!("net{slot}"), config.nic(slot)))
+            .collect();
         restore.console = Some(ConsoleConfig::Off);
         restore.expect = Some(config.vm_config());
         let vm = Vm::restore(&restore, Instant::now(), SystemTime::now())?;
@@ -250,10 +279,18 @@ impl Sandbox {
         for disk in &config.disks {
             std::fs::File::open(disk).map_err(Error::io("open", disk))?;
         }
+        if config.taps.len() > template.nics() {
+            return Err(Error::Other(format!(
+                "{} NICs do not fit the template's {}",
+                config.taps.len(),
+                template.nics()
+            )));
+        }
         let mut filled = config.clone();
         filled
             .disks
             .extend(slots.into_iter().skip(config.disks.len()));
+        filled.nic_slots = template.nics();
         Sandbox::restore(&filled, &template.snapshot_dir())
     }
 
@@ -298,7 +335,9 @@ impl Sandbox {
     /// host's clock, fresh entropy (credited, and the CRNG reseeded from it) and a boot id of
     /// its own for containers to read. A VM restored from a template shares all of these with
     /// its siblings until this call.
-    pub fn setup_guest(&self, hostname: String) -> Result<(), Error> {
+    /// With `network`, the guest's NICs are given the engine's interfaces' names, MACs,
+    /// addresses and routes.
+    pub fn setup_guest(&self, hostname: String, network: NetworkSetup) -> Result<(), Error> {
         let entropy = random_bytes::<64>()?.to_vec();
         let now = SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -308,6 +347,7 @@ impl Sandbox {
             realtime_ns: Some(now.as_nanos() as u64),
             entropy,
             boot_id: Some(uuid_v4(random_bytes::<16>()?)),
+            network,
         };
         self.channel.call(|agent| agent.setup_guest(setup))
     }

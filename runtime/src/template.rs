@@ -28,14 +28,15 @@ use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::state::{lock_file, read_json, rfc3339, write_atomically};
 
 /// The layout of a template directory; bump when it changes shape.
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 const INFO_FILE: &str = "template.json";
 const VM_DIR: &str = "vm";
 
 /// Disk slots of the usual template: enough for images of a few layers plus the host files.
 pub const DEFAULT_SLOTS: usize = 8;
-/// Disk slots of the template for containers with more: every virtio slot but the vsock's.
-pub const MAX_SLOTS: usize = cocoon_vmm::arch::x86_64::layout::VIRTIO_MAX_DEVICES - 1;
+/// Disk slots of the template for containers with more: every virtio slot but the vsock's
+/// and one NIC's.
+pub const MAX_SLOTS: usize = cocoon_vmm::arch::x86_64::layout::VIRTIO_MAX_DEVICES - 2;
 
 /// What a template is made from; its hash names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +46,9 @@ pub struct TemplateSpec {
     pub cpus: u8,
     pub memory_mib: u64,
     pub slots: usize,
+    /// NICs, detached until a clone attaches its TAPs: at least one, so that containers with
+    /// a network and without share the usual template.
+    pub nics: usize,
 }
 
 impl TemplateSpec {
@@ -65,6 +69,7 @@ impl TemplateSpec {
             cpus: config.cpus,
             memory_mib: config.memory_mib,
             slots,
+            nics: config.taps.len().max(1),
         })
     }
 
@@ -81,6 +86,7 @@ impl TemplateSpec {
             cpus: self.cpus,
             memory_mib: self.memory_mib,
             slots: self.slots,
+            nics: self.nics,
         })
     }
 }
@@ -97,6 +103,8 @@ pub struct Inputs {
     pub cpus: u8,
     pub memory_mib: u64,
     pub slots: usize,
+    #[serde(default)]
+    pub nics: usize,
 }
 
 impl Inputs {
@@ -146,6 +154,11 @@ impl Template {
     /// The images of the spare disk slots, in the guest's order.
     pub fn slots(&self) -> Vec<PathBuf> {
         slot_paths(&self.dir, self.info.inputs.slots)
+    }
+
+    /// How many NICs the template's VM has.
+    pub fn nics(&self) -> usize {
+        self.info.inputs.nics
     }
 
     /// Bytes the template takes on disk (memory.bin is sparse).
@@ -325,6 +338,8 @@ impl Templates {
             disks: slots,
             vsock_socket: tmp.join("vsock.sock"),
             boot_timeout,
+            taps: Vec::new(),
+            nic_slots: spec.nics,
         })?;
         let boot_ms = started.elapsed().as_millis() as u64;
         let saved = sandbox.snapshot(&tmp.join(VM_DIR));
@@ -393,6 +408,7 @@ mod tests {
             cpus: 1,
             memory_mib: 256,
             slots: DEFAULT_SLOTS,
+            nics: 1,
         }
     }
 
@@ -409,6 +425,9 @@ mod tests {
         changed.push(i);
         let mut i = inputs();
         i.slots = MAX_SLOTS;
+        changed.push(i);
+        let mut i = inputs();
+        i.nics = 2;
         changed.push(i);
         let mut i = inputs();
         i.kernel.modified_ns = 6;
@@ -447,6 +466,8 @@ mod tests {
             disks: vec![PathBuf::from("/d"); n],
             vsock_socket: "/s".into(),
             boot_timeout: Duration::from_secs(1),
+            taps: Vec::new(),
+            nic_slots: 0,
         };
         assert_eq!(
             TemplateSpec::for_sandbox(&config(0)).unwrap().slots,

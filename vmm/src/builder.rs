@@ -174,8 +174,8 @@ pub fn build(
         })?;
         virtio.push(("vsock", Box::new(device)));
     }
-    if let Some(net) = &config.net {
-        let tap = Tap::open(&net.tap)?;
+    for net in &config.nets {
+        let tap = Tap::from_source(&net.tap)?;
         let device = Net::new(tap, net.mac).map_err(BuildError::Event)?;
         virtio.push(("net", Box::new(device)));
     }

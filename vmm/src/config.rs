@@ -78,10 +78,26 @@ impl FromStr for VsockConfig {
     }
 }
 
-/// `--net TAP[,MAC]`: the host TAP device and the MAC the guest sees.
+/// Where a NIC's frames go on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TapSource {
+    /// Attach to (or create) the TAP device of this name, in the VMM's network namespace.
+    Name(String),
+    /// An open TAP fd of this process, opened by the caller (perhaps in another network
+    /// namespace) with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`. The VMM duplicates it (close-on-exec)
+    /// and owns the duplicate; the caller keeps and closes its own. The duplicate shares the
+    /// caller's open file description, so it is made non-blocking for both.
+    Fd(i32),
+    /// No host side (yet): frames the guest sends are counted and dropped, none arrive. A
+    /// template's NICs are saved this way, and each clone is restored with its own TAP.
+    Detached,
+}
+
+/// `--net TAP[,MAC]`, `--net fd=N[,MAC]` or `--net none[,MAC]`: the host side of a NIC and the
+/// MAC the guest sees.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
-    pub tap: String,
+    pub tap: TapSource,
     pub mac: [u8; 6],
 }
 
@@ -96,13 +112,22 @@ impl FromStr for NetConfig {
             Some((tap, mac)) => (tap, parse_mac(mac)?),
             None => (s, DEFAULT_MAC),
         };
-        if tap.is_empty() || tap.len() > 15 {
-            return Err(format!("TAP name {tap:?} must be 1 to 15 bytes"));
-        }
-        Ok(NetConfig {
-            tap: tap.into(),
-            mac,
-        })
+        let tap = if tap == "none" {
+            TapSource::Detached
+        } else if let Some(fd) = tap.strip_prefix("fd=") {
+            let fd = fd
+                .parse::<i32>()
+                .ok()
+                .filter(|&fd| fd >= 0)
+                .ok_or_else(|| format!("TAP fd {fd:?} is not a file descriptor number"))?;
+            TapSource::Fd(fd)
+        } else {
+            if tap.is_empty() || tap.len() > 15 {
+                return Err(format!("TAP name {tap:?} must be 1 to 15 bytes"));
+            }
+            TapSource::Name(tap.into())
+        };
+        Ok(NetConfig { tap, mac })
     }
 }
 
@@ -167,8 +192,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-vsock device with its host side on a Unix socket.
     pub vsock: Option<VsockConfig>,
-    /// A virtio-net device on a host TAP.
-    pub net: Option<NetConfig>,
+    /// virtio-net devices (`net0`, `net1`, ... in this order; the guest's eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
     pub console: ConsoleConfig,
 }
 
@@ -214,7 +239,7 @@ impl VmConfig {
         self.disks.len()
             + usize::from(self.rng)
             + usize::from(self.vsock.is_some())
-            + usize::from(self.net.is_some())
+            + self.nets.len()
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -271,28 +296,73 @@ mod tests {
 
     #[test]
     fn net_specs() {
+        let named = |tap: &str, mac| NetConfig {
+            tap: TapSource::Name(tap.into()),
+            mac,
+        };
+        assert_eq!("tap0".parse(), Ok(named("tap0", DEFAULT_MAC)));
         assert_eq!(
-            "tap0".parse(),
+            "tap0,02:AA:bb:00:00:05".parse(),
+            Ok(named("tap0", [2, 0xaa, 0xbb, 0, 0, 5]))
+        );
+        assert_eq!(
+            "fd=7".parse(),
             Ok(NetConfig {
-                tap: "tap0".into(),
+                tap: TapSource::Fd(7),
                 mac: DEFAULT_MAC
             })
         );
         assert_eq!(
-            "tap0,02:AA:bb:00:00:05".parse(),
+            "fd=0,02:00:00:00:00:09".parse(),
             Ok(NetConfig {
-                tap: "tap0".into(),
-                mac: [2, 0xaa, 0xbb, 0, 0, 5]
+                tap: TapSource::Fd(0),
+                mac: [2, 0, 0, 0, 0, 9]
             })
         );
+        assert_eq!(
+            "none".parse(),
+            Ok(NetConfig {
+                tap: TapSource::Detached,
+                mac: DEFAULT_MAC
+            })
+        );
+        assert_eq!(
+            "none,02:00:00:00:00:03".parse(),
+            Ok(NetConfig {
+                tap: TapSource::Detached,
+                mac: [2, 0, 0, 0, 0, 3]
+            })
+        );
+        for bad in ["fd=", "fd=-1", "fd=x", "fd=99999999999", "fd=3,02:00"] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
         assert!(
             "tap0,01:00:00:00:00:00".parse::<NetConfig>().is_err(),
             "multicast"
         );
+        assert!("none,01:00:00:00:00:00".parse::<NetConfig>().is_err());
         assert!("tap0,02:00:00:00:00".parse::<NetConfig>().is_err());
         assert!("tap0,02:00:00:00:00:zz".parse::<NetConfig>().is_err());
         assert!("averyveryverylongtapname".parse::<NetConfig>().is_err());
         assert!(",02:00:00:00:00:01".parse::<NetConfig>().is_err());
+    }
+
+    #[test]
+    fn net_configs_go_through_serde() {
+        let config = VmConfig {
+            nets: vec![
+                "tap0".parse().unwrap(),
+                "fd=5,02:00:00:00:00:02".parse().unwrap(),
+                "none".parse().unwrap(),
+            ],
+            ..config()
+        };
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains(r#"{"Fd":5}"#), "{json}");
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), config);
+        let bytes = postcard::to_allocvec(&config).unwrap();
+        assert_eq!(postcard::from_bytes::<VmConfig>(&bytes).unwrap(), config);
+        assert_eq!(config.virtio_devices(), 3);
     }
 
     #[test]
@@ -316,7 +386,7 @@ mod tests {
             disks: vec![],
             rng: false,
             vsock: None,
-            net: None,
+            nets: Vec::new(),
             console: ConsoleConfig::Off,
         }
     }

@@ -62,10 +62,13 @@ struct Cli {
     /// the Unix socket PATH (`CONNECT <port>\n`), guest connections to host port P reach PATH_P.
     #[arg(long, value_name = "CID,PATH")]
     vsock: Option<VsockConfig>,
-    /// A virtio-net device on the host TAP device TAP (created if missing), with the MAC the
-    /// guest sees (default 02:c0:c0:00:00:01).
-    #[arg(long, value_name = "TAP[,MAC]")]
-    net: Option<NetConfig>,
+    /// A virtio-net device, with the MAC the guest sees (default 02:c0:c0:00:00:01), on the host
+    /// TAP device TAP (created if missing), on the TAP open as fd N in this process (opened with
+    /// IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, perhaps in another network namespace), or on none
+    /// (frames the guest sends are dropped). Repeatable: net0, net1, ... are the guest's eth0,
+    /// eth1, ... With --restore, the host sides of the snapshot's first NICs, in order.
+    #[arg(long = "net", value_name = "TAP|fd=N|none[,MAC]")]
+    nets: Vec<NetConfig>,
     /// Where the serial console goes: stdout, off (fastest: no UART at all) or a file.
     /// [default: stdout; with --restore, the snapshot's]
     #[arg(long, value_name = "stdout|off|FILE")]
@@ -107,7 +110,7 @@ fn main() -> ExitCode {
             disks: cli.disks.clone(),
             rng: cli.rng,
             vsock: cli.vsock.clone(),
-            net: cli.net.clone(),
+            nets: cli.nets.clone(),
             console: cli.console.clone().unwrap_or(ConsoleConfig::Stdout),
         }),
     };
@@ -174,7 +177,12 @@ fn restore_config(dir: &std::path::Path, cli: &Cli) -> RestoreConfig {
         .map(|(i, disk)| (format!("block{i}"), disk.clone()))
         .collect();
     restore.overrides.vsock_uds = cli.vsock.as_ref().map(|v| v.uds.clone());
-    restore.overrides.net = cli.net.clone();
+    restore.overrides.nets = cli
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, net)| (format!("net{i}"), net.clone()))
+        .collect();
     restore.console = cli.console.clone();
     restore.expect = cli.kernel.as_ref().map(|kernel| VmConfig {
         kernel: kernel.clone(),
@@ -185,7 +193,7 @@ fn restore_config(dir: &std::path::Path, cli: &Cli) -> RestoreConfig {
         disks: Vec::new(),
         rng: false,
         vsock: None,
-        net: None,
+        nets: Vec::new(),
         console: ConsoleConfig::Off,
     });
     restore
@@ -238,5 +246,52 @@ fn remove_sockets(config: &VmConfig, api_sock: &Option<PathBuf>) {
     }
     if let Some(path) = api_sock {
         let _ = std::fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cocoon_vmm::config::TapSource;
+
+    #[test]
+    fn net_is_repeatable_and_moves_nics_on_restore() {
+        let cli = Cli::try_parse_from([
+            "cocoon-vmm",
+            "--kernel",
+            "vmlinux",
+            "--net",
+            "tap0",
+            "--net",
+            "fd=5,02:00:00:00:00:02",
+            "--net",
+            "none",
+        ])
+        .unwrap();
+        let taps: Vec<TapSource> = cli.nets.iter().map(|n| n.tap.clone()).collect();
+        assert_eq!(
+            taps,
+            [
+                TapSource::Name("tap0".into()),
+                TapSource::Fd(5),
+                TapSource::Detached
+            ]
+        );
+        assert_eq!(cli.nets[1].mac, [2, 0, 0, 0, 0, 2]);
+        let cli = Cli::try_parse_from([
+            "cocoon-vmm",
+            "--restore",
+            "/snap",
+            "--net",
+            "none",
+            "--net",
+            "fd=7",
+        ])
+        .unwrap();
+        let restore = restore_config(std::path::Path::new("/snap"), &cli);
+        let ids: Vec<&str> = restore.overrides.nets.keys().map(String::as_str).collect();
+        assert_eq!(ids, ["net0", "net1"]);
+        assert_eq!(restore.overrides.nets["net1"].tap, TapSource::Fd(7));
+        assert!(Cli::try_parse_from(["cocoon-vmm", "--kernel", "k", "--net", "fd=x"]).is_err());
     }
 }

@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::{BuildError, Origin};
 use crate::bus::lock;
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{DiskConfig, TapSource, VmConfig};
 use crate::devices::registry::Devices;
 use crate::event_loop::EventLoop;
 use crate::lifecycle::{ExitReason, Lifecycle};
@@ -425,8 +425,16 @@ impl Vm {
             .map(|(id, transport)| (id.to_string(), transport.save()))
             .collect();
         drop(guards);
+        let mut config = origin.config.clone();
+        // A TAP fd is this process's: such a NIC is saved detached (its device state too), and
+        // each restore gives it a TAP of its own.
+        for net in &mut config.nets {
+            if matches!(net.tap, TapSource::Fd(_)) {
+                net.tap = TapSource::Detached;
+            }
+        }
         let state = VmSnapshot {
-            config: origin.config.clone(),
+            config,
             boot_files: origin.boot_files.clone(),
             memory,
             machine,

@@ -55,7 +55,7 @@ fn build(kernel: &Kernel, cpus: u8) -> Vm {
         disks: Vec::new(),
         rng: true,
         vsock: None,
-        net: None,
+        nets: Vec::new(),
         console: ConsoleConfig::Off,
     };
     Vm::build(&config, Instant::now(), SystemTime::now()).expect("build the VM")

@@ -142,6 +142,67 @@ pub struct GuestSetup {
     /// restored from a snapshot keeps its kernel's, which its siblings share.
     #[serde(default)]
     pub boot_id: Option<String>,
+    /// The engine's network for the guest's root network namespace: what containers created
+    /// with [`CreateContainer::guest_network`] see. Applied after the identity above; empty
+    /// changes nothing.
+    #[serde(default)]
+    pub network: NetworkSetup,
+}
+
+/// The interfaces and routes the engine gave the container, as the host read them in the
+/// container's network namespace, to be made again in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSetup {
+    #[serde(default)]
+    pub interfaces: Vec<GuestInterface>,
+    /// Added after every interface is configured, in order, to the main table.
+    #[serde(default)]
+    pub routes: Vec<GuestRoute>,
+}
+
+/// One virtio-net NIC of the guest made into one of the engine's interfaces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestInterface {
+    /// The NIC's MAC as the guest found it (the VMM's, from its config space): how the agent
+    /// finds the device. VMs come from snapshots taken before the container was known, so it is
+    /// not the engine's.
+    pub device_mac: [u8; 6],
+    /// The engine's name for the interface (`eth0`): 1 to 15 bytes, no `/`, `:` or space.
+    pub name: String,
+    /// The engine's MAC, which the interface gets.
+    pub mac: [u8; 6],
+    /// 68 to 65535 (1280 or more with an IPv6 address).
+    pub mtu: u32,
+    #[serde(default)]
+    pub addresses: Vec<IpPrefix>,
+}
+
+/// An address with its prefix length (`10.88.0.5/16`); for a route, its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpPrefix {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+/// A route of the main table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRoute {
+    /// `None` is the default route of the gateway's family.
+    #[serde(default)]
+    pub destination: Option<IpPrefix>,
+    #[serde(default)]
+    pub gateway: Option<std::net::IpAddr>,
+    /// The name of one of [`NetworkSetup::interfaces`].
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub metric: Option<u32>,
+    /// Scope link; implied for a route with a device and no gateway.
+    #[serde(default)]
+    pub scope_link: bool,
+    /// The preferred source address (`src`).
+    #[serde(default)]
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// Which streams a process gets from the host. With `terminal`, one stream carries the pty in
@@ -170,13 +231,21 @@ pub struct CreateContainer {
     #[serde(default)]
     pub host_files: Option<String>,
     pub stdio: StdioConfig,
-    /// The container has the VM to itself (one VM per container): the new network, UTS and
-    /// IPC namespaces its spec asks for are the guest's own, which nothing else uses and which
-    /// are as fresh as new ones. Making them would cost seconds of emulated kernel code on a
-    /// PVM host (a network namespace alone about 1.5 s, and as much again to tear it down).
-    /// Ignored when the spec asks for a user namespace (its root could not manage the guest's).
+    /// The container has the VM to itself (one VM per container): the new UTS and IPC
+    /// namespaces its spec asks for are the guest's own, which nothing else uses and which are
+    /// as fresh as new ones, and so is the network namespace with `guest_network`. Making them
+    /// would cost seconds of emulated kernel code on a PVM host (a network namespace alone
+    /// about 1.5 s, and as much again to tear it down). Ignored when the spec asks for a user
+    /// namespace (its root could not manage the guest's).
     #[serde(default)]
     pub owns_guest: bool,
+    /// With `owns_guest`: the container shares the guest's network namespace, which
+    /// `GuestSetup::network` made the engine's. Without it such a container gets a new network
+    /// namespace with only loopback, whatever its spec says: a VM restored from a template has a
+    /// NIC the container must not see when the engine gave it no network, and host networking
+    /// is loopback only in a VM.
+    #[serde(default)]
+    pub guest_network: bool,
 }
 
 /// Where the agent mounts a container's host files device.

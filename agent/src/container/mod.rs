@@ -215,13 +215,27 @@ fn new_namespaces(spec: &Spec) -> libc::c_int {
 }
 
 /// The namespaces among `flags` that a container owning the guest takes from the guest instead
-/// of having them made (see `CreateContainer::owns_guest`). The init still does in them what
-/// it would in new ones (loopback up, hostname), which leaves them as runc would.
-fn guest_owned(flags: libc::c_int, owns_guest: bool) -> libc::c_int {
+/// of having them made (see `CreateContainer::owns_guest`): UTS and IPC, and the network with
+/// `guest_network`, when the guest's is the engine's. The init still does in them what it would
+/// in new ones (loopback up, hostname), which leaves them as runc would.
+fn guest_owned(flags: libc::c_int, owns_guest: bool, guest_network: bool) -> libc::c_int {
     if !owns_guest || flags & libc::CLONE_NEWUSER != 0 {
         return 0;
     }
-    flags & (libc::CLONE_NEWNET | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC)
+    let network = if guest_network { libc::CLONE_NEWNET } else { 0 };
+    flags & (network | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC)
+}
+
+/// A container owning the guest without the guest's network gets a network namespace of its
+/// own (loopback only), even when its spec names the engine's: the guest's may hold a NIC, of a
+/// VM restored from a template, that the engine gave the container no network for; and host
+/// networking is loopback only in a VM (as with Kata). Costs a namespace made and torn down.
+fn network_namespace(flags: libc::c_int, owns_guest: bool, guest_network: bool) -> libc::c_int {
+    if owns_guest && !guest_network {
+        flags | libc::CLONE_NEWNET
+    } else {
+        flags
+    }
 }
 
 fn id_maps(spec: &Spec) -> Option<(String, String)> {
@@ -605,12 +619,14 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         host_files,
         stdio: stdio_config,
         owns_guest,
+        guest_network,
     } = request;
     let process = spec
         .process()
         .clone()
         .ok_or_else(|| error(ErrorKind::InvalidArgument, "the spec has no process"))?;
-    let flags = new_namespaces(&spec);
+    // init_body sees the network namespace too, and brings its loopback up.
+    let flags = network_namespace(new_namespaces(&spec), owns_guest, guest_network);
     if flags & libc::CLONE_NEWNS == 0 {
         return Err(error(
             ErrorKind::InvalidArgument,
@@ -667,7 +683,9 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         boot_id: crate::guest::boot_id_file(),
     };
     let namespaces = Namespaces::New {
-        clone_flags: flags & !libc::CLONE_NEWCGROUP & !guest_owned(flags, owns_guest),
+        clone_flags: flags
+            & !libc::CLONE_NEWCGROUP
+            & !guest_owned(flags, owns_guest, guest_network),
         id_maps: id_maps(&spec),
     };
     let spawned = spawn::spawn(namespaces, &cgroup.procs_file(), child, true, |gate| {
@@ -725,14 +743,38 @@ mod tests {
             | libc::CLONE_NEWUTS
             | libc::CLONE_NEWIPC;
         assert_eq!(
-            guest_owned(all, true),
+            guest_owned(all, true, true),
             libc::CLONE_NEWNET | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC
         );
-        assert_eq!(guest_owned(all, false), 0);
-        assert_eq!(guest_owned(all | libc::CLONE_NEWUSER, true), 0);
         assert_eq!(
-            guest_owned(libc::CLONE_NEWNS | libc::CLONE_NEWUTS, true),
+            guest_owned(all, true, false),
+            libc::CLONE_NEWUTS | libc::CLONE_NEWIPC
+        );
+        assert_eq!(guest_owned(all, false, true), 0);
+        assert_eq!(guest_owned(all | libc::CLONE_NEWUSER, true, true), 0);
+        assert_eq!(
+            guest_owned(libc::CLONE_NEWNS | libc::CLONE_NEWUTS, true, true),
             libc::CLONE_NEWUTS
+        );
+    }
+
+    #[test]
+    fn without_the_guests_network_a_guest_owning_container_gets_its_own() {
+        // The spec names the engine's namespace (a path) or none at all (host networking).
+        let flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID;
+        let net = network_namespace(flags, true, false);
+        assert_eq!(net, flags | libc::CLONE_NEWNET);
+        assert_eq!(
+            guest_owned(net, true, false) & libc::CLONE_NEWNET,
+            0,
+            "made, not shared"
+        );
+        assert_eq!(network_namespace(flags, true, true), flags);
+        assert_eq!(network_namespace(flags, false, false), flags);
+        let with_net = flags | libc::CLONE_NEWNET;
+        assert_eq!(
+            guest_owned(network_namespace(with_net, true, true), true, true),
+            libc::CLONE_NEWNET
         );
     }
 

@@ -39,6 +39,13 @@ pub fn delete(global: &Global, id: &str, force: bool) -> Result<(), CliError> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+    // The VM is gone, and its TAPs with it: the engine's interfaces lose their mirroring.
+    let network_file = dir.path.join(cocoon_runtime::network::NETWORK_FILE);
+    if let Ok(record) =
+        crate::state::read_json::<cocoon_runtime::network::NetworkRecord>(&network_file)
+    {
+        cocoon_runtime::network::release(&record)?;
+    }
     dir.remove()?;
     // As runc: once the container and its state are gone.
     run_poststop_hooks(&record);

@@ -40,6 +40,10 @@ pub struct CreateTemplateArgs {
     /// Disks the template has room for.
     #[arg(long, default_value_t = DEFAULT_SLOTS)]
     pub slots: usize,
+    /// NICs the template has (for containers whose network namespace has that many
+    /// interfaces).
+    #[arg(long, default_value_t = 1)]
+    pub nics: usize,
 }
 
 pub fn template(command: &TemplateCommand) -> Result<(), CliError> {
@@ -53,12 +57,20 @@ pub fn template(command: &TemplateCommand) -> Result<(), CliError> {
                     args.slots
                 )));
             }
+            if !(1..=4).contains(&args.nics) || args.slots + args.nics > MAX_SLOTS + 1 {
+                return Err(CliError::Other(format!(
+                    "--nics {}: a template has 1 to 4 NICs, and at most {} disk slots and NICs",
+                    args.nics,
+                    MAX_SLOTS + 1
+                )));
+            }
             let spec = TemplateSpec {
                 kernel: config.kernel.clone(),
                 initrd: config.initrd.clone(),
                 cpus: args.cpus.unwrap_or(config.default_cpus),
                 memory_mib: args.memory.unwrap_or(config.default_memory_mib),
                 slots: args.slots,
+                nics: args.nics,
             };
             let template =
                 templates.create(&spec, Duration::from_secs(config.boot_timeout_secs))?;
@@ -93,17 +105,18 @@ fn list(templates: &[Template], format: &str) -> Result<(), CliError> {
         }
         "table" => {
             println!(
-                "{:<16} {:>4} {:>10} {:>5} {:>9} {:<32} KERNEL",
-                "NAME", "CPUS", "MEMORY", "SLOTS", "DISK", "CREATED"
+                "{:<16} {:>4} {:>10} {:>5} {:>4} {:>9} {:<32} KERNEL",
+                "NAME", "CPUS", "MEMORY", "SLOTS", "NICS", "DISK", "CREATED"
             );
             for t in templates {
                 let i = &t.info.inputs;
                 println!(
-                    "{:<16} {:>4} {:>6} MiB {:>5} {:>5} MiB {:<32} {}",
+                    "{:<16} {:>4} {:>6} MiB {:>5} {:>4} {:>5} MiB {:<32} {}",
                     t.info.name,
                     i.cpus,
                     i.memory_mib,
                     i.slots,
+                    i.nics,
                     t.disk_usage() >> 20,
                     t.info.created,
                     i.kernel.path.display()

@@ -12,6 +12,7 @@ use cocoon_agent_protocol::message::CreateContainer;
 use cocoon_runtime::checkpoint;
 use cocoon_runtime::control::{self, Reply, Request};
 use cocoon_runtime::launch::Launch;
+use cocoon_runtime::network;
 use cocoon_runtime::sandbox::disk_name;
 use cocoon_runtime::{Container, Sandbox, SandboxConfig};
 
@@ -53,6 +54,13 @@ pub fn run(
         }
     };
     let mut hooks_ran = false;
+    let isolated = Launch::read(dir).and_then(|launch| Ok(network::unshare_for(&launch.spec)?));
+    if let Err(e) = isolated {
+        report(&mut report_to, &Err::<(), _>(e), || {
+            let _ = std::fs::remove_dir_all(dir);
+        });
+        std::process::exit(1);
+    }
     let opened = match restore_from {
         Some(checkpoint) => open_restored(dir, &container, checkpoint),
         None => open(dir, &container),
@@ -126,9 +134,10 @@ fn open_restored(
         )));
     }
     let launch = Launch::read(dir)?;
+    let network = Network::carry(dir, &launch)?;
     crate::logging::phase("vm restoring");
     let sandbox = Sandbox::restore(
-        &SandboxConfig::for_launch(&launch, container.vsock_socket()),
+        &SandboxConfig::for_launch(&launch, container.vsock_socket(), &network.carried.taps),
         &checkpoint::vm_dir(checkpoint_dir),
     )?;
     let hostname = launch
@@ -136,17 +145,20 @@ fn open_restored(
         .hostname()
         .clone()
         .unwrap_or_else(|| container.id().chars().take(64).collect());
-    sandbox.setup_guest(hostname)?;
+    // The checkpointed guest has its interfaces configured already.
+    sandbox.setup_guest(hostname, Default::default())?;
     crate::logging::phase("identity set");
+    network.keep();
     Ok((sandbox, Stdio::detached()))
 }
 
 /// The sandbox booted, the guest named, stdio attached, the container created.
 fn open(dir: &Path, container: &Container) -> Result<(Sandbox, Stdio), CliError> {
     let launch = Launch::read(dir)?;
-    crate::logging::phase("vm starting");
+    let network = Network::carry(dir, &launch)?;
+    crate::logging::phase("network carried");
     let sandbox = Sandbox::start(
-        &SandboxConfig::for_launch(&launch, container.vsock_socket()),
+        &SandboxConfig::for_launch(&launch, container.vsock_socket(), &network.carried.taps),
         &launch.start,
     )?;
     let id = container.id();
@@ -155,7 +167,7 @@ fn open(dir: &Path, container: &Container) -> Result<(Sandbox, Stdio), CliError>
         .hostname()
         .clone()
         .unwrap_or_else(|| id.chars().take(64).collect());
-    sandbox.setup_guest(hostname)?;
+    sandbox.setup_guest(hostname, network.carried.setup.clone())?;
     crate::logging::phase("identity set");
     let stdio = Stdio::attach(
         container.vsock_socket(),
@@ -177,12 +189,52 @@ fn open(dir: &Path, container: &Container) -> Result<(Sandbox, Stdio), CliError>
         host_files,
         stdio: stdio.config,
         owns_guest: true,
+        guest_network: !network.carried.setup.interfaces.is_empty(),
     })?;
+    network.keep();
     crate::logging::phase("container created");
     if let Some((rows, cols)) = stdio.window_size() {
         let _ = container.resize_terminal(None, rows, cols);
     }
     Ok((sandbox, stdio))
+}
+
+/// The container's network carried into its VM, undone again unless [`Network::keep`] is
+/// called (a monitor that fails to create the container leaves the engine's interfaces as
+/// it found them; after `keep`, `delete` undoes it from the record).
+struct Network {
+    carried: network::Carried,
+    kept: bool,
+}
+
+impl Network {
+    fn carry(dir: &Path, launch: &Launch) -> Result<Network, CliError> {
+        let carried = network::carry(&launch.spec)?;
+        let network = Network {
+            carried,
+            kept: false,
+        };
+        if !network.carried.record.interfaces.is_empty() {
+            let json = serde_json::to_vec(&network.carried.record)
+                .map_err(|e| CliError::Other(format!("cannot encode the network record: {e}")))?;
+            crate::state::write_atomically(&dir.join(network::NETWORK_FILE), &json)?;
+        }
+        Ok(network)
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        if !self.kept
+            && let Err(e) = network::release(&self.carried.record)
+        {
+            tracing::warn!("{e}");
+        }
+    }
 }
 
 /// Signals (`signal`, `all`) that came while the VM was paused, in order.

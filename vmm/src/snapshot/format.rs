@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 pub const MAGIC: &[u8; 8] = b"COCOONSS";
 /// Bump when any saved struct changes shape.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const HEADER_LEN: usize = 24;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

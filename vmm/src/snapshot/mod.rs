@@ -14,7 +14,7 @@ use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConsoleConfig, VmConfig};
+use crate::config::{ConsoleConfig, TapSource, VmConfig};
 use crate::devices::virtio::persist::{DeviceOverrides, PersistError, TransportState};
 use crate::lifecycle::ExitReason;
 use crate::vcpu::persist::{VcpuPersistError, VcpuSnapshot};
@@ -73,8 +73,8 @@ impl BootFiles {
 /// Everything but guest RAM.
 #[derive(Serialize, Deserialize)]
 pub struct VmSnapshot {
-    /// The VM as it was configured (devices in guest order); a restore changes only what the
-    /// overrides name.
+    /// The VM as it was configured (devices in guest order; a NIC given a TAP fd is saved
+    /// detached); a restore changes only what the overrides name.
     pub config: VmConfig,
     pub boot_files: BootFiles,
     pub memory: Vec<RegionLayout>,
@@ -203,6 +203,14 @@ fn check_consistency(s: &VmSnapshot) -> Result<(), SnapshotError> {
             s.config.memory_mib
         ));
     }
+    // An fd number is the saving process's; a file naming one is not one we wrote.
+    if s.config
+        .nets
+        .iter()
+        .any(|n| matches!(n.tap, TapSource::Fd(_)))
+    {
+        return bad("a network device has a TAP fd".into());
+    }
     if let Err(e) = s.config.validate() {
         return bad(e.to_string());
     }
@@ -270,15 +278,17 @@ pub fn restored_config(s: &VmSnapshot, restore: &RestoreConfig) -> Result<VmConf
             }
         }
     }
-    if let Some(net) = &restore.overrides.net {
-        match config.net.as_mut() {
-            Some(current) => *current = net.clone(),
-            None => {
-                return Err(SnapshotError::Inconsistent(
-                    "the snapshot has no network device to move".into(),
-                ));
-            }
-        }
+    for (id, net) in &restore.overrides.nets {
+        let index = id
+            .strip_prefix("net")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n < config.nets.len())
+            .ok_or_else(|| {
+                SnapshotError::Inconsistent(format!(
+                    "no network device {id} in the snapshot to move"
+                ))
+            })?;
+        config.nets[index] = net.clone();
     }
     if let Some(console) = &restore.console {
         config.console = console.clone();

@@ -151,8 +151,9 @@ pub struct DeviceOverrides {
     pub disks: BTreeMap<String, DiskConfig>,
     /// Where the vsock device listens instead of the saved path.
     pub vsock_uds: Option<PathBuf>,
-    /// Another TAP (the MAC must stay the guest's).
-    pub net: Option<NetConfig>,
+    /// By registry id (`net0`, ...): another host side, a TAP by name or fd or none (the MAC
+    /// must stay the guest's).
+    pub nets: BTreeMap<String, NetConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,8 +166,12 @@ pub enum PersistError {
         expected: String,
         found: &'static str,
     },
-    #[error("device {id}: a disk override was given but {id} is a {found} device")]
-    OverrideMismatch { id: String, found: &'static str },
+    #[error("device {id}: a {what} override was given but {id} is a {found} device")]
+    OverrideMismatch {
+        id: String,
+        what: &'static str,
+        found: &'static str,
+    },
     #[error("device {id}: the snapshot has {found} queues, the device has {expected}")]
     QueueCount {
         id: String,
@@ -336,11 +341,17 @@ impl MmioTransport {
                 found: state.device.kind(),
             });
         }
-        if overrides.disks.contains_key(id) && kind != "block" {
-            return Err(PersistError::OverrideMismatch {
-                id: id.into(),
-                found: state.device.kind(),
-            });
+        for (what, given, wanted) in [
+            ("disk", overrides.disks.contains_key(id), "block"),
+            ("network", overrides.nets.contains_key(id), "net"),
+        ] {
+            if given && kind != wanted {
+                return Err(PersistError::OverrideMismatch {
+                    id: id.into(),
+                    what,
+                    found: state.device.kind(),
+                });
+            }
         }
         let queues = state.check(id, &mem)?;
 
@@ -351,7 +362,15 @@ impl MmioTransport {
                 capacity_changed = changed;
                 Box::new(block)
             }
-            DeviceState::Net(s) => Box::new(s.restore(id, overrides.net.as_ref())?),
+            DeviceState::Net(s) => {
+                // The driver's offloads apply to the new TAP only once it had accepted them.
+                let features = if state.activated {
+                    state.driver_features
+                } else {
+                    0
+                };
+                Box::new(s.restore(id, overrides.nets.get(id), features)?)
+            }
             DeviceState::Vsock(s) => Box::new(s.restore(id, overrides.vsock_uds.as_deref())?),
             DeviceState::Rng(s) => Box::new(s.restore()),
         };

@@ -601,22 +601,88 @@ fn after_restore_a_vsock_announces_the_transport_reset() {
 
 #[test]
 fn a_net_override_cannot_change_the_guests_mac() {
-    let state = super::super::net::persist::NetState {
-        tap: "tap0".into(),
+    use super::super::net::persist::{NetState, SavedTap};
+    use crate::config::TapSource;
+    let state = NetState {
+        tap: SavedTap::Name("tap0".into()),
         mac: [2, 0, 0, 0, 0, 1],
     };
     let over = NetConfig {
-        tap: "tap1".into(),
+        tap: TapSource::Name("tap1".into()),
         mac: [2, 0, 0, 0, 0, 2],
     };
-    let e = state.restore("net0", Some(&over)).map(|_| ()).unwrap_err();
+    let e = state
+        .restore("net0", Some(&over), 0)
+        .map(|_| ())
+        .unwrap_err();
     assert!(
         e.to_string().contains("net0") && e.to_string().contains("02:00:00:00:00:01"),
         "{e}"
     );
-    let multicast = super::super::net::persist::NetState {
+    let multicast = NetState {
         mac: [1, 0, 0, 0, 0, 1],
-        ..state
+        ..state.clone()
     };
-    assert!(multicast.restore("net0", None).is_err());
+    assert!(multicast.restore("net0", None, 0).is_err());
+    // Same MAC, no TAP: the clone's NIC stays detached.
+    let detached = NetConfig {
+        tap: TapSource::Detached,
+        mac: state.mac,
+    };
+    let net = state
+        .restore("net0", Some(&detached), FEATURES_ALL)
+        .unwrap();
+    assert_eq!(net.tap_name(), None);
+    assert_eq!(NetState::save(&net).tap, SavedTap::Detached);
+    // A bad fd is refused with the device named.
+    let bad_fd = NetConfig {
+        tap: TapSource::Fd(999_999),
+        mac: state.mac,
+    };
+    let e = state
+        .restore("net1", Some(&bad_fd), 0)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("net1") && e.to_string().contains("999999"),
+        "{e}"
+    );
+}
+
+const FEATURES_ALL: u64 = super::super::net::device::FEATURES;
+
+/// A NIC saved with an fd-passed TAP comes back detached; restored with a TAP fd, it gets the
+/// offloads of the features its driver had accepted.
+#[test]
+fn a_detached_nic_is_restored_onto_a_tap_fd() {
+    use super::super::net::Net;
+    use super::super::net::persist::{NetState, SavedTap};
+    use super::super::net::tap::Tap;
+    use super::super::net::tap::tests::{in_new_netns, raw_tun};
+    use crate::config::TapSource;
+    use std::os::fd::AsRawFd;
+    let Some(()) = in_new_netns(|| {
+        let flags = 0x0002 | 0x1000 | 0x4000;
+        let first = raw_tun("tmpl0", flags);
+        let net = Net::new(
+            Some(Tap::from_fd(first.as_raw_fd()).unwrap()),
+            [2, 0, 0, 0, 0, 7],
+        )
+        .unwrap();
+        let state = NetState::save(&net);
+        assert_eq!(state.tap, SavedTap::Detached, "an fd cannot be saved");
+        let clone = raw_tun("clone0", flags);
+        let over = NetConfig {
+            tap: TapSource::Fd(clone.as_raw_fd()),
+            mac: [2, 0, 0, 0, 0, 7],
+        };
+        let restored = state.restore("net0", Some(&over), FEATURES_ALL).unwrap();
+        assert_eq!(restored.tap_name(), Some("clone0"));
+        // The named form is kept by name.
+        let named = Net::new(Some(Tap::open("named0").unwrap()), [2, 0, 0, 0, 0, 8]).unwrap();
+        assert_eq!(NetState::save(&named).tap, SavedTap::Name("named0".into()));
+    }) else {
+        eprintln!("SKIPPED a_detached_nic_is_restored_onto_a_tap_fd: needs root");
+        return;
+    };
 }
