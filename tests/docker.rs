@@ -10,8 +10,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use cocoon_tests::{
-    DOCKER_CLIENT, DOCKER_DAEMON, Docker, ONE_VM_AT_A_TIME, Scratch, engine_inputs_or_skip,
-    from_env, paths_present_or_skip, processes_mentioning,
+    DOCKER_BRIDGE, DOCKER_BRIDGE_ADDRESS, DOCKER_CLIENT, DOCKER_DAEMON, Docker, ONE_VM_AT_A_TIME,
+    Scratch, check_published_web_server, engine_inputs_or_skip, from_env, http_get,
+    paths_present_or_skip, processes_mentioning,
 };
 
 const IMAGE: &str = "cocoon/busybox";
@@ -24,22 +25,10 @@ const RUNTIME_ROOTS: &str = "/var/run/docker/runtime-";
 #[test]
 fn docker_runs_containers_in_microvms() {
     let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((cocoon, _)) = engine_inputs_or_skip("docker", DOCKER_DAEMON) else {
+    let scratch = Scratch::new("docker");
+    let Some(docker) = docker_or_skip(&scratch, false) else {
         return;
     };
-    let rootfs = from_env("COCOON_BUSYBOX_DIR", "build/busybox-rootfs");
-    if !paths_present_or_skip("docker", &[&rootfs, Path::new(DOCKER_CLIENT)], "test") {
-        return;
-    }
-    // The exec root is the default one: a second dockerd would share it.
-    let others = processes_mentioning("dockerd");
-    assert!(
-        others.is_empty(),
-        "another dockerd runs and would share /var/run/docker: {others:?}"
-    );
-    let scratch = Scratch::new("docker");
-    let docker = Docker::start(&scratch, &cocoon);
-    import_image(&docker, &rootfs);
 
     // The guest's kernel, not the host's; --memory as the guest cgroup's memory.max; the
     // exit code propagated.
@@ -137,8 +126,41 @@ fn docker_runs_containers_in_microvms() {
     docker.ok(&["rm", "d2"]);
     assert_eq!(docker.ok(&["ps", "-aq"]).trim(), "");
 
-    // Nothing left behind: no monitors (their command line has Docker's state root) or shims,
-    // no state directories (and with them no sockets). Shims exit just after `rm` returns.
+    assert_nothing_left();
+}
+
+/// Docker's default network, as users run it: the container on `docker0` with the address
+/// Docker gave it (its prestart hook moves the veth in after `create`), a published port
+/// reached from the host, and one container reaching another over the bridge.
+#[test]
+fn docker_containers_get_their_network_and_published_ports() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("docker-net");
+    let Some(docker) = docker_or_skip(&scratch, true) else {
+        return;
+    };
+    let port = 18500 + (std::process::id() % 400) as u16;
+    let subnet = DOCKER_BRIDGE_ADDRESS.trim_end_matches("1/24");
+    let gateway = DOCKER_BRIDGE_ADDRESS.trim_end_matches("/24");
+    check_published_web_server(|args| docker.ok(args), IMAGE, port, subnet, 24, gateway);
+
+    docker.ok(&["rm", "--force", "web"]);
+    assert!(
+        http_get("127.0.0.1", port, "/").is_err(),
+        "the port still answers"
+    );
+    // The veths Docker made are gone with the containers: nothing hangs on the bridge.
+    let ports = Command::new("ip")
+        .args(["-o", "link", "show", "master", DOCKER_BRIDGE])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&ports.stdout).trim(), "");
+    assert_nothing_left();
+}
+
+/// No monitors (their command line has Docker's state root) or shims, no state directories
+/// (and with them no sockets). Shims exit just after `rm` returns.
+fn assert_nothing_left() {
     let leftovers = || {
         [
             processes_mentioning(RUNTIME_ROOTS),
@@ -152,6 +174,29 @@ fn docker_runs_containers_in_microvms() {
     }
     assert_eq!(leftovers(), Vec::<String>::new());
     assert_eq!(container_dirs(), Vec::<String>::new());
+}
+
+/// The test's dockerd (with Docker's default networking when `networked`) and the image in it;
+/// `None` when this machine cannot run the test (skipped, with a message).
+fn docker_or_skip(scratch: &Scratch, networked: bool) -> Option<Docker> {
+    let (cocoon, _) = engine_inputs_or_skip("docker", DOCKER_DAEMON)?;
+    let rootfs = from_env("COCOON_BUSYBOX_DIR", "build/busybox-rootfs");
+    if !paths_present_or_skip("docker", &[&rootfs, Path::new(DOCKER_CLIENT)], "test") {
+        return None;
+    }
+    // The exec root is the default one: a second dockerd would share it.
+    let others = processes_mentioning("dockerd");
+    assert!(
+        others.is_empty(),
+        "another dockerd runs and would share /var/run/docker: {others:?}"
+    );
+    let docker = if networked {
+        Docker::networked(scratch, &cocoon)
+    } else {
+        Docker::start(scratch, &cocoon)
+    };
+    import_image(&docker, &rootfs);
+    Some(docker)
 }
 
 /// `tar -C ROOTFS -c . | docker import - IMAGE`.

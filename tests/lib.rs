@@ -588,13 +588,30 @@ pub struct Docker {
     daemon: Option<std::process::Child>,
     pub host: String,
     data_root: PathBuf,
+    /// The bridge dockerd made (and leaves behind when it stops), for `networked`.
+    bridge: Option<&'static str>,
 }
+
+/// The bridge of [`Docker::networked`]: Docker's default one, on a subnet of its own.
+pub const DOCKER_BRIDGE: &str = "docker0";
+pub const DOCKER_BRIDGE_ADDRESS: &str = "10.213.0.1/24";
 
 impl Docker {
     pub fn start(scratch: &Scratch, cocoon: &Path) -> Docker {
+        Docker::with_network(scratch, cocoon, false)
+    }
+
+    /// With Docker's default networking: the `docker0` bridge (on [`DOCKER_BRIDGE_ADDRESS`]),
+    /// iptables rules and the userland proxy for `-p`, as a user's dockerd has them. Dropping
+    /// it removes the bridge too.
+    pub fn networked(scratch: &Scratch, cocoon: &Path) -> Docker {
+        Docker::with_network(scratch, cocoon, true)
+    }
+
+    fn with_network(scratch: &Scratch, cocoon: &Path, network: bool) -> Docker {
         let data_root = scratch.path("data-root");
         let config = scratch.path("daemon.json");
-        let daemon_json = serde_json::json!({
+        let mut daemon_json = serde_json::json!({
             "data-root": data_root,
             "pidfile": scratch.path("docker.pid"),
             "exec-opts": ["native.cgroupdriver=cgroupfs"],
@@ -604,6 +621,12 @@ impl Docker {
             "runtimes": {"cocoon": {"path": cocoon}},
             "default-runtime": "cocoon",
         });
+        if network {
+            let options = daemon_json.as_object_mut().unwrap();
+            options.remove("bridge");
+            options.remove("iptables");
+            options.insert("bip".into(), DOCKER_BRIDGE_ADDRESS.into());
+        }
         std::fs::write(&config, daemon_json.to_string()).unwrap();
         let host = format!("unix://{}", scratch.path("docker.sock").display());
         let log = std::fs::File::create(scratch.path("dockerd.log")).unwrap();
@@ -620,6 +643,7 @@ impl Docker {
             daemon: Some(daemon),
             host,
             data_root,
+            bridge: network.then_some(DOCKER_BRIDGE),
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while !docker.run(&["version"]).status.success() {
@@ -694,6 +718,9 @@ impl Docker {
         for mount in under {
             let _ = Command::new("umount").args(["-l", mount]).status();
         }
+        if let Some(bridge) = self.bridge.take() {
+            let _ = Command::new("ip").args(["link", "del", bridge]).status();
+        }
     }
 }
 
@@ -701,4 +728,95 @@ impl Drop for Docker {
     fn drop(&mut self) {
         self.shut_down();
     }
+}
+
+/// Fetches `url` from the host (HTTP/1.0, any status line); the body, or why not.
+pub fn http_get(host: &str, port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr = format!("{host}:{port}");
+    let mut stream = std::net::TcpStream::connect_timeout(
+        &addr.parse().map_err(|e| format!("{addr}: {e}"))?,
+        std::time::Duration::from_secs(5),
+    )
+    .map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| e.to_string())?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.contains(" 200 ") => Ok(body.to_owned()),
+        _ => Err(response),
+    }
+}
+
+/// [`http_get`] until it gives the page or `secs` have passed (a server still starting).
+pub fn http_get_within(host: &str, port: u16, path: &str, secs: u64) -> Result<String, String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        match http_get(host, port, path) {
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// What an engine's network gives a container, checked as a user would: a busybox `httpd` in
+/// container `web` (of `image`, run by `engine`, which gets docker/podman arguments and returns
+/// stdout) with port `port` published to its 80. Its address must start with `subnet`; the
+/// page is fetched from the host through the published port; inside, the address with
+/// `/prefix`, the default route via `gateway` and a resolver; and a second container fetches
+/// the page over the bridge. Leaves `web` running; returns its address.
+pub fn check_published_web_server(
+    engine: impl Fn(&[&str]) -> String,
+    image: &str,
+    port: u16,
+    subnet: &str,
+    prefix: u8,
+    gateway: &str,
+) -> String {
+    let script = "mkdir -p /www && echo hello-from-cocoon > /www/index.html && \
+                  { ip addr show eth0; ip route; cat /etc/resolv.conf; } > /www/net.txt && \
+                  exec httpd -f -p 80 -h /www";
+    let published = format!("{port}:80");
+    engine(&[
+        "run", "-d", "--name", "web", "-p", &published, image, "sh", "-c", script,
+    ]);
+    let address = engine(&[
+        "inspect",
+        "--format",
+        "{{.NetworkSettings.IPAddress}}",
+        "web",
+    ])
+    .trim()
+    .to_owned();
+    assert!(address.starts_with(subnet), "{address:?}");
+
+    // The published port, from the host.
+    let page = http_get_within("127.0.0.1", port, "/", 120).unwrap_or_else(|e| {
+        panic!(
+            "port {port} did not answer: {e}\nlogs: {}",
+            engine(&["logs", "web"])
+        )
+    });
+    assert_eq!(page, "hello-from-cocoon\n");
+    // Inside, the address, route and DNS the engine gave it.
+    let net = http_get("127.0.0.1", port, "/net.txt").unwrap();
+    assert!(net.contains(&format!("inet {address}/{prefix}")), "{net}");
+    assert!(
+        net.contains(&format!("default via {gateway} dev eth0")),
+        "{net}"
+    );
+    assert!(net.contains("nameserver"), "{net}");
+
+    // Another container reaches it over the bridge.
+    let url = format!("http://{address}/");
+    let fetched = engine(&["run", "--rm", image, "wget", "-q", "-O", "-", &url]);
+    assert_eq!(fetched, "hello-from-cocoon\n");
+    address
 }

@@ -4,7 +4,9 @@
 
 use std::process::{Command, Stdio};
 
-use cocoon_tests::{ONE_VM_AT_A_TIME, Podman, Scratch, engine_inputs_or_skip};
+use cocoon_tests::{
+    ONE_VM_AT_A_TIME, Podman, Scratch, check_published_web_server, engine_inputs_or_skip, http_get,
+};
 
 const IMAGE: &str = "localhost/cocoon-busybox:latest";
 
@@ -113,29 +115,6 @@ fn in_terminal(podman: &Podman, command: &str) -> String {
     text
 }
 
-/// Fetches `url` from the host (HTTP/1.0, any status line); the body, or why not.
-fn http_get(host: &str, port: u16, path: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let addr = format!("{host}:{port}");
-    let mut stream = std::net::TcpStream::connect_timeout(
-        &addr.parse().map_err(|e| format!("{addr}: {e}"))?,
-        std::time::Duration::from_secs(5),
-    )
-    .map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| e.to_string())?;
-    match response.split_once("\r\n\r\n") {
-        Some((head, body)) if head.contains(" 200 ") => Ok(body.to_owned()),
-        _ => Err(response),
-    }
-}
-
 /// Podman's default network, as users run it: the netavark bridge, a published port reached
 /// from the host, and one container reaching another over the bridge.
 #[test]
@@ -148,51 +127,14 @@ fn podman_containers_keep_their_network_and_published_ports() {
     let podman = Podman::networked(&scratch, &cocoon);
     podman.ok(&["load", "-i", image.to_str().unwrap()]);
     let port = 18000 + (std::process::id() % 1000) as u16;
-    let script = "mkdir -p /www && echo hello-from-cocoon > /www/index.html && \
-                  { ip addr show eth0; ip route; cat /etc/resolv.conf; } > /www/net.txt && \
-                  exec httpd -f -p 80 -h /www";
-    let published = format!("{port}:80");
-    podman.ok(&[
-        "run", "-d", "--name", "web", "-p", &published, IMAGE, "sh", "-c", script,
-    ]);
-    let address = podman
-        .ok(&[
-            "inspect",
-            "--format",
-            "{{.NetworkSettings.IPAddress}}",
-            "web",
-        ])
-        .trim()
-        .to_owned();
-    assert!(address.starts_with("10.88."), "{address:?}");
-
-    // The published port, from the host.
-    let started = std::time::Instant::now();
-    let page = loop {
-        match http_get("127.0.0.1", port, "/") {
-            Ok(page) => break page,
-            Err(e) if started.elapsed() < std::time::Duration::from_secs(120) => {
-                let _ = e;
-                std::thread::sleep(std::time::Duration::from_millis(500));
-            }
-            Err(e) => panic!(
-                "port {port} did not answer: {e}\nlogs: {}",
-                podman.ok(&["logs", "web"])
-            ),
-        }
-    };
-    assert_eq!(page, "hello-from-cocoon\n");
-
-    // Inside, the address, route and DNS Podman gave it.
-    let net = http_get("127.0.0.1", port, "/net.txt").unwrap();
-    assert!(net.contains(&format!("inet {address}/16")), "{net}");
-    assert!(net.contains("default via 10.88.0.1 dev eth0"), "{net}");
-    assert!(net.contains("nameserver"), "{net}");
-
-    // Another container reaches it over the bridge.
-    let url = format!("http://{address}/");
-    let fetched = podman.ok(&["run", "--rm", IMAGE, "wget", "-q", "-O", "-", &url]);
-    assert_eq!(fetched, "hello-from-cocoon\n");
+    check_published_web_server(
+        |args| podman.ok(args),
+        IMAGE,
+        port,
+        "10.88.",
+        16,
+        "10.88.0.1",
+    );
 
     podman.ok(&["rm", "--force", "--time", "0", "web"]);
     assert_eq!(podman.ok(&["ps", "-aq"]).trim(), "");

@@ -68,7 +68,9 @@ pub fn setup(setup: &GuestSetup) -> Result<(), AgentError> {
         store_boot_id(boot_id)?;
     }
     // In the agent's own network namespace, the guest's root one, before the reply: the
-    // containers the host creates next find it done.
+    // containers the host creates next find it done, and those sharing it already (a network
+    // the engine made after `create`, sent with nothing else set, which changes nothing else
+    // above) see it. It also parks the NICs no network names, even for an empty network.
     crate::netconf::apply(&setup.network)?;
     Ok(())
 }

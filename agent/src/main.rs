@@ -16,6 +16,7 @@ mod mounts;
 mod netconf;
 mod netif;
 mod netlink;
+mod nic_park;
 mod power;
 mod reaper;
 mod selftest;

@@ -2,7 +2,8 @@
 //! found by the MAC the VMM gave it, gets the engine's interface name, MAC, MTU and addresses,
 //! then the routes are added, so that `ip addr` and `ip route` in a container show what they
 //! show under runc. All of it over rtnetlink ([`crate::netlink`]) in the calling thread's
-//! network namespace, the guest's root one.
+//! network namespace, the guest's root one. NICs no network names are parked out of sight
+//! ([`crate::nic_park`]), and come back when one names them.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -12,6 +13,7 @@ use cocoon_agent_protocol::message::{
 };
 
 use crate::netlink::{self, Link, Message, Netlink, NetlinkError};
+use crate::nic_park::{Parking, Spares};
 
 /// The smallest MTU the kernel allows an Ethernet device, and the smallest IPv6 works with
 /// (below it the kernel drops the device's IPv6 addresses).
@@ -231,11 +233,17 @@ pub fn validate(net: &NetworkSetup) -> Result<(), NetworkError> {
 /// Applies a network [`validate`] accepted. Interfaces one by one, then routes in order; the
 /// first failure stops it and names the interface or route. What already exists (an address
 /// or route from an earlier identical request, a connected route the kernel added itself) is
-/// taken as done.
+/// taken as done. Then the NICs left down, which no network named, are parked, so that an
+/// empty network (a template's, a clone's without one) leaves the guest's namespace with
+/// loopback only: with nothing to park, that is one link dump.
 pub fn apply(net: &NetworkSetup) -> Result<(), NetworkError> {
-    if net.interfaces.is_empty() && net.routes.is_empty() {
-        return Ok(());
-    }
+    apply_with(net, Parking::global()?)
+}
+
+/// [`apply`] with the spare NICs of `parking`, whose namespace is the calling thread's.
+pub fn apply_with(net: &NetworkSetup, parking: &Parking) -> Result<(), NetworkError> {
+    // Held throughout: no container create parks a NIC this has down to rename.
+    let mut spares = parking.lock();
     let failed = |what: &str| {
         let what = what.to_owned();
         move |source| NetworkError::Failed { what, source }
@@ -247,7 +255,7 @@ pub fn apply(net: &NetworkSetup) -> Result<(), NetworkError> {
         .links()
         .map_err(failed("list the network devices"))?;
     for iface in &net.interfaces {
-        configure(&mut netlink, &mut links, iface)?;
+        configure(&mut netlink, &mut links, &mut spares, iface)?;
     }
     for route in &net.routes {
         add_route(&mut netlink, &links, route).map_err(|source| NetworkError::Failed {
@@ -255,6 +263,8 @@ pub fn apply(net: &NetworkSetup) -> Result<(), NetworkError> {
             source,
         })?;
     }
+    // `links` is as configure() left the devices: the ones it configured are up.
+    spares.park(&mut netlink, &links)?;
     Ok(())
 }
 
@@ -268,17 +278,11 @@ fn set_link(index: i32, flags: u32, change: u32) -> Message {
     )
 }
 
-/// Gives the link whose device MAC is `iface.device_mac` the interface's name, MAC, MTU and
-/// addresses, and brings it up.
-fn configure(
-    netlink: &mut Netlink,
-    links: &mut [Link],
-    iface: &GuestInterface,
-) -> Result<(), NetworkError> {
-    let name = &iface.name;
-    // Its MAC as found, or, after an earlier request changed that, the one it came with (which
-    // virtio-net keeps); failing that (a device without one), the interface as it was made.
-    let pos = links
+/// The link that is `iface`'s device: by its MAC as found, or, after an earlier request changed
+/// that, the one it came with (which virtio-net keeps); failing that (a device without one),
+/// the interface as it was made.
+fn find(links: &[Link], iface: &GuestInterface) -> Option<usize> {
+    links
         .iter()
         .position(|l| l.mac == Some(iface.device_mac))
         .or_else(|| {
@@ -289,12 +293,39 @@ fn configure(
         .or_else(|| {
             links
                 .iter()
-                .position(|l| l.name == *name && l.mac == Some(iface.mac))
+                .position(|l| l.name == iface.name && l.mac == Some(iface.mac))
         })
-        .ok_or_else(|| NetworkError::NoDevice {
-            mac: Mac(iface.device_mac),
-            name: name.clone(),
-        })?;
+}
+
+/// Gives the link whose device MAC is `iface.device_mac` the interface's name, MAC, MTU and
+/// addresses, and brings it up. A link not in the namespace may be a parked one: it is moved
+/// back first (`links` is listed again then).
+fn configure(
+    netlink: &mut Netlink,
+    links: &mut Vec<Link>,
+    spares: &mut Spares<'_>,
+    iface: &GuestInterface,
+) -> Result<(), NetworkError> {
+    let name = &iface.name;
+    let no_device = || NetworkError::NoDevice {
+        mac: Mac(iface.device_mac),
+        name: name.clone(),
+    };
+    let pos = match find(links, iface) {
+        Some(pos) => pos,
+        None => {
+            if !spares.unpark(links, |parked| find(parked, iface))? {
+                return Err(no_device());
+            }
+            *links = netlink.links().map_err(|source| NetworkError::Failed {
+                what: "list the network devices".into(),
+                source,
+            })?;
+            find(links, iface).ok_or_else(no_device)?
+        }
+    };
+    // Before any change: a failure below may leave it down, and it is still not spare.
+    spares.configured(links[pos].index);
     let index = links[pos].index;
     let device = links[pos].name.clone();
     let step = |what: &str| {

@@ -30,7 +30,12 @@ const NETLINK_EXT_ACK: libc::c_int = 11;
 pub const IFLA_ADDRESS: u16 = 1;
 pub const IFLA_IFNAME: u16 = 3;
 pub const IFLA_MTU: u16 = 4;
+/// The network namespace to move a link into, as an fd of the sender's (`ip link set netns`).
+pub const IFLA_NET_NS_FD: u16 = 28;
 pub const IFLA_PERM_ADDRESS: u16 = 54;
+/// `ifi_type` of ethernet devices (virtio-net, TAP, veth) and of the loopback.
+pub const ARPHRD_ETHER: u16 = 1;
+pub const ARPHRD_LOOPBACK: u16 = 772;
 pub const IFA_ADDRESS: u16 = 1;
 pub const IFA_LOCAL: u16 = 2;
 pub const IFA_BROADCAST: u16 = 4;
@@ -231,6 +236,8 @@ fn parse_error(flags: u16, payload: &[u8]) -> Option<(i32, Option<String>)> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
     pub index: i32,
+    /// `ifi_type`: the link layer, [`ARPHRD_ETHER`] for a NIC, [`ARPHRD_LOOPBACK`] for `lo`.
+    pub link_type: u16,
     pub flags: u32,
     pub name: String,
     pub mac: Option<[u8; 6]>,
@@ -241,8 +248,10 @@ pub struct Link {
 
 fn parse_link(payload: &[u8]) -> Option<Link> {
     let header = payload.get(..16)?;
+    // ifi_family (1 byte), padding, ifi_type (2), ifi_index (4), ifi_flags (4), ifi_change.
     let mut link = Link {
         index: i32::from_ne_bytes(header[4..8].try_into().ok()?),
+        link_type: u16::from_ne_bytes([header[2], header[3]]),
         flags: u32::from_ne_bytes(header[8..12].try_into().ok()?),
         name: String::new(),
         mac: None,
@@ -423,6 +432,9 @@ mod tests {
         assert_eq!(IFLA_IFNAME, libc::IFLA_IFNAME);
         assert_eq!(IFLA_MTU, libc::IFLA_MTU);
         assert_eq!(IFLA_PERM_ADDRESS, libc::IFLA_PERM_ADDRESS);
+        assert_eq!(IFLA_NET_NS_FD, libc::IFLA_NET_NS_FD);
+        assert_eq!(ARPHRD_ETHER, libc::ARPHRD_ETHER);
+        assert_eq!(ARPHRD_LOOPBACK, libc::ARPHRD_LOOPBACK);
         assert_eq!(IFA_ADDRESS, libc::IFA_ADDRESS);
         assert_eq!(IFA_LOCAL, libc::IFA_LOCAL);
         assert_eq!(IFA_BROADCAST, libc::IFA_BROADCAST);
@@ -484,7 +496,10 @@ mod tests {
 
     #[test]
     fn a_link_dump_entry_and_an_error_with_its_explanation_are_read() {
-        let mut dump = Message::new(RTM_NEWLINK, 0x2, &ifinfomsg(3, 1, 0))
+        // As the kernel fills it: ifi_type set (ifinfomsg() leaves it 0 for requests).
+        let mut header = ifinfomsg(3, 1, 0);
+        header[2..4].copy_from_slice(&ARPHRD_ETHER.to_ne_bytes());
+        let mut dump = Message::new(RTM_NEWLINK, 0x2, &header)
             .attr_str(IFLA_IFNAME, "eth1")
             .attr(IFLA_ADDRESS, &[2, 0xc0, 0xc0, 0, 0, 1])
             .attr(IFLA_PERM_ADDRESS, &[2, 0xc0, 0xc0, 0, 0, 2])
@@ -495,6 +510,7 @@ mod tests {
             parse_link(reply.payload),
             Some(Link {
                 index: 3,
+                link_type: ARPHRD_ETHER,
                 flags: 1,
                 name: "eth1".into(),
                 mac: Some([2, 0xc0, 0xc0, 0, 0, 1]),

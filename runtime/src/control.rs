@@ -26,6 +26,10 @@ pub enum Request {
         signal: i32,
         all: bool,
     },
+    /// Carry the interfaces the engine has put into the monitor's own network namespace
+    /// since the VM started (Docker's prestart hook does, during `create`) into the VM, before
+    /// the container starts.
+    CarryNetwork,
     /// Save the VM to `dir` (see `checkpoint.rs`); with `leave_running` it goes on, else the
     /// container stops, as a runc checkpoint leaves it.
     Checkpoint {
@@ -128,7 +132,7 @@ mod tests {
             Request::Pause => Reply::Done,
             Request::Resume => Reply::Refused("container x is not paused".into()),
             Request::Signal { signal, .. } => Reply::Refused(format!("signal {signal}")),
-            Request::Checkpoint { .. } => Reply::Done,
+            Request::Checkpoint { .. } | Request::CarryNetwork => Reply::Done,
         })
         .unwrap();
         call(&path, &Request::Pause).unwrap();

@@ -49,6 +49,8 @@ pub enum Error {
     Snapshot(#[from] cocoon_vmm::snapshot::SnapshotError),
     #[error("the microVM stopped while booting: {0}")]
     EndedWhileBooting(cocoon_vmm::lifecycle::ExitReason),
+    #[error("the microVM stopped: {0}")]
+    VmEnded(cocoon_vmm::lifecycle::ExitReason),
     #[error("the guest agent did not answer within {0} s")]
     AgentTimeout(u64),
     #[error("{0}")]

@@ -77,7 +77,12 @@ impl SandboxConfig {
             vsock_socket: vsock_socket.to_owned(),
             boot_timeout: Duration::from_secs(launch.boot_timeout_secs),
             taps: taps.to_vec(),
-            nic_slots: taps.len(),
+            // A new, empty namespace may get the engine's interfaces after `create` (Docker's
+            // prestart hook puts them there): a cold-booted VM keeps a NIC for them.
+            nic_slots: match crate::network::netns_of(&launch.spec) {
+                crate::network::SpecNetns::New => taps.len().max(1),
+                _ => taps.len(),
+            },
         }
     }
 
@@ -349,14 +354,53 @@ impl Sandbox {
             boot_id: Some(uuid_v4(random_bytes::<16>()?)),
             network,
         };
-        self.channel.call(|agent| agent.setup_guest(setup))
+        self.call(|agent| agent.setup_guest(setup))
+    }
+
+    /// Configures the guest's network alone (nothing else of its identity changes): the NICs
+    /// named in `network` get the engine's interfaces, and the agent puts the NICs it names
+    /// not out of sight, so a container without a network sees loopback only. A template
+    /// is saved after an empty one; a late network (made after `create`) comes this way too.
+    pub fn configure_network(&self, network: NetworkSetup) -> Result<(), Error> {
+        let setup = GuestSetup {
+            network,
+            ..GuestSetup::default()
+        };
+        self.call(|agent| agent.setup_guest(setup))
+    }
+
+    /// Gives the VM's NICs, from the first, these TAPs as their host sides, while it runs:
+    /// NICs of a template were saved without one.
+    pub fn attach_taps(&self, taps: &[Arc<OwnedFd>]) -> Result<(), Error> {
+        for (slot, tap) in taps.iter().enumerate() {
+            self.vm
+                .attach_tap(&format!("net{slot}"), TapSource::Fd(tap.as_raw_fd()))
+                .map_err(|e| Error::Other(format!("cannot give NIC {slot} its TAP: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Has the agent create a container (stopped before its process execs).
     pub fn create_container(&self, create: CreateContainer) -> Result<Container, Error> {
         let container = self.container(&create.container_id);
-        self.channel.call(|agent| agent.create_container(create))?;
+        self.call(|agent| agent.create_container(create))?;
         Ok(container)
+    }
+
+    /// A request on the kept connection; when it fails because the VM ended (the VMM closes
+    /// its clients' connections then), the error says so.
+    fn call<T>(
+        &self,
+        request: impl FnOnce(&mut AgentClient) -> Result<T, ClientError>,
+    ) -> Result<T, Error> {
+        self.channel
+            .call(request)
+            .map_err(|e| match self.vm.try_wait() {
+                Some(reason) if !matches!(e, Error::Agent(ClientError::Agent(_))) => {
+                    Error::VmEnded(reason)
+                }
+                _ => e,
+            })
     }
 
     /// A handle on container `id` that shares the sandbox's connection to the agent.
@@ -369,7 +413,7 @@ impl Sandbox {
 
     /// What the guest has spent so far (forks, page faults, CPU time).
     pub fn counters(&self) -> Result<GuestCounters, Error> {
-        self.channel.call(|agent| agent.counters())
+        self.call(|agent| agent.counters())
     }
 
     /// Stops the vCPUs: everything in the guest stands still until [`Sandbox::resume`].

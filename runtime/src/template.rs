@@ -342,7 +342,12 @@ impl Templates {
             nic_slots: spec.nics,
         })?;
         let boot_ms = started.elapsed().as_millis() as u64;
-        let saved = sandbox.snapshot(&tmp.join(VM_DIR));
+        // The NICs, still without a host side, go out of sight (into a namespace of the
+        // agent's) until a clone's network names them: a container without one sees loopback
+        // only, in the guest's own namespace, with no namespace made per container.
+        let saved = sandbox
+            .configure_network(Default::default())
+            .and_then(|()| sandbox.snapshot(&tmp.join(VM_DIR)));
         sandbox.stop();
         let _ = std::fs::remove_file(tmp.join("vsock.sock"));
         saved?;

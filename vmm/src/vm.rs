@@ -61,6 +61,14 @@ pub enum SwapError {
 }
 
 #[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("no NIC {0} (NICs are net0, net1, ... in the order given)")]
+    NoSuchNic(String),
+    #[error(transparent)]
+    Device(#[from] crate::devices::virtio::persist::AttachError),
+}
+
+#[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("the VM has ended: {0}")]
     Ended(ExitReason),
@@ -192,6 +200,7 @@ impl Vm {
             })
             .collect();
         let ending = Arc::new(Ending::default());
+        let transports: Vec<_> = parts.devices.virtio().map(|(_, t)| t.clone()).collect();
         let supervisor = {
             let ending = ending.clone();
             let ended = parts.ended;
@@ -207,6 +216,10 @@ impl Vm {
                     drop(threads);
                     *lock(&ending.reason) = Some(reason);
                     ending.published.notify_all();
+                    // After the reason is out, so a client that reads EOF can learn it.
+                    for transport in &transports {
+                        lock(transport).vm_ended();
+                    }
                 })
         };
         // A closure that never ran is dropped, and `threads` with it.
@@ -467,6 +480,26 @@ impl Vm {
         lock(transport).swap_disk(disk.clone())?;
         if let Some(slot) = origin.config.disks.get_mut(index) {
             *slot = disk;
+        }
+        Ok(())
+    }
+
+    /// Gives NIC `id` (`net0`, ...) `tap` as its host side while the guest runs: a detached NIC
+    /// of a VM restored from a template, once the engine has made the container's network
+    /// (Docker does so after `create`). What a snapshot saves follows.
+    pub fn attach_tap(&self, id: &str, tap: TapSource) -> Result<(), AttachError> {
+        let index = id
+            .strip_prefix("net")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| AttachError::NoSuchNic(id.to_owned()))?;
+        let transport = self
+            .devices
+            .get(id)
+            .ok_or_else(|| AttachError::NoSuchNic(id.to_owned()))?;
+        let mut origin = lock(&self.origin);
+        lock(transport).attach_tap(&tap)?;
+        if let Some(slot) = origin.config.nets.get_mut(index) {
+            slot.tap = tap;
         }
         Ok(())
     }

@@ -142,9 +142,12 @@ pub struct GuestSetup {
     /// restored from a snapshot keeps its kernel's, which its siblings share.
     #[serde(default)]
     pub boot_id: Option<String>,
-    /// The engine's network for the guest's root network namespace: what containers created
-    /// with [`CreateContainer::guest_network`] see. Applied after the identity above; empty
-    /// changes nothing.
+    /// The engine's network for the guest's root network namespace: what containers sharing
+    /// it see (see [`CreateContainer::guest_network`]), also those created before it came.
+    /// Applied after the identity above. Then the NICs left down that no network named are
+    /// moved out of sight (into a network namespace of the agent's that nothing runs in), and
+    /// back when a later network names one: so an empty network (a template's, a clone's
+    /// without one) leaves the guest's namespace with loopback only.
     #[serde(default)]
     pub network: NetworkSetup,
 }
@@ -233,17 +236,19 @@ pub struct CreateContainer {
     pub stdio: StdioConfig,
     /// The container has the VM to itself (one VM per container): the new UTS and IPC
     /// namespaces its spec asks for are the guest's own, which nothing else uses and which are
-    /// as fresh as new ones, and so is the network namespace with `guest_network`. Making them
+    /// as fresh as new ones, and so is the network namespace (see `guest_network`). Making them
     /// would cost seconds of emulated kernel code on a PVM host (a network namespace alone
     /// about 1.5 s, and as much again to tear it down). Ignored when the spec asks for a user
     /// namespace (its root could not manage the guest's).
     #[serde(default)]
     pub owns_guest: bool,
-    /// With `owns_guest`: the container shares the guest's network namespace, which
-    /// `GuestSetup::network` made the engine's. Without it such a container gets a new network
-    /// namespace with only loopback, whatever its spec says: a VM restored from a template has a
-    /// NIC the container must not see when the engine gave it no network, and host networking
-    /// is loopback only in a VM.
+    /// With `owns_guest`: the guest's network namespace is the engine's network, which
+    /// `GuestSetup::network` made; the container shares it. Without it such a container shares
+    /// it too when it holds nothing but loopback once the spare NICs (a VM restored from a
+    /// template has some) are out of sight, whatever its spec says: the engine may configure
+    /// the network after the create, which the container then sees, and host networking is
+    /// loopback only in a VM. Only when another interface is up there does the container get a
+    /// new network namespace with only loopback.
     #[serde(default)]
     pub guest_network: bool,
 }

@@ -215,27 +215,54 @@ fn new_namespaces(spec: &Spec) -> libc::c_int {
 }
 
 /// The namespaces among `flags` that a container owning the guest takes from the guest instead
-/// of having them made (see `CreateContainer::owns_guest`): UTS and IPC, and the network with
-/// `guest_network`, when the guest's is the engine's. The init still does in them what it would
+/// of having them made (see `CreateContainer::owns_guest`): UTS and IPC, and the network when
+/// it shares the guest's ([`shares_guest_network`]). The init still does in them what it would
 /// in new ones (loopback up, hostname), which leaves them as runc would.
-fn guest_owned(flags: libc::c_int, owns_guest: bool, guest_network: bool) -> libc::c_int {
+fn guest_owned(flags: libc::c_int, owns_guest: bool, shares_network: bool) -> libc::c_int {
     if !owns_guest || flags & libc::CLONE_NEWUSER != 0 {
         return 0;
     }
-    let network = if guest_network { libc::CLONE_NEWNET } else { 0 };
+    let network = if shares_network {
+        libc::CLONE_NEWNET
+    } else {
+        0
+    };
     flags & (network | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC)
 }
 
-/// A container owning the guest without the guest's network gets a network namespace of its
-/// own (loopback only), even when its spec names the engine's: the guest's may hold a NIC, of a
-/// VM restored from a template, that the engine gave the container no network for; and host
-/// networking is loopback only in a VM (as with Kata). Costs a namespace made and torn down.
-fn network_namespace(flags: libc::c_int, owns_guest: bool, guest_network: bool) -> libc::c_int {
-    if owns_guest && !guest_network {
+/// Whether a container has the guest's root network namespace as its own: one owning the guest
+/// does when the engine's network is there (`guest_network`), and when nothing but loopback is
+/// (`foreign_links` false, after the spare NICs of a VM restored from a template were parked),
+/// which is what a new namespace would hold, without the 1.3 s of emulated kernel code a new
+/// one costs; the engine may still configure its network after `create` (Docker does), which
+/// such a container then sees. A link left there (up: another network's) is not this
+/// container's to see.
+fn shares_guest_network(owns_guest: bool, guest_network: bool, foreign_links: bool) -> bool {
+    owns_guest && (guest_network || !foreign_links)
+}
+
+/// A container owning the guest that does not share the guest's network namespace gets one of
+/// its own (loopback only), even when its spec names the engine's or none (host networking is
+/// loopback only in a VM, as with Kata). Costs a namespace made and torn down.
+fn network_namespace(flags: libc::c_int, owns_guest: bool, shares_network: bool) -> libc::c_int {
+    if owns_guest && !shares_network {
         flags | libc::CLONE_NEWNET
     } else {
         flags
     }
+}
+
+/// For a container owning the guest: parks the guest's spare NICs, then says whether anything
+/// but loopback is left in its network namespace.
+fn guest_has_foreign_links() -> Result<bool, AgentError> {
+    let left = crate::nic_park::park_spare().map_err(|e| {
+        let e = AgentError::from(e);
+        error(
+            e.kind,
+            format!("hide the guest's spare network devices: {}", e.message),
+        )
+    })?;
+    Ok(!crate::nic_park::only_loopback(&left))
 }
 
 fn id_maps(spec: &Spec) -> Option<(String, String)> {
@@ -625,8 +652,12 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         .process()
         .clone()
         .ok_or_else(|| error(ErrorKind::InvalidArgument, "the spec has no process"))?;
+    // Before the namespaces are decided: what the guest's network namespace holds once its
+    // spare NICs are out of sight says whether the container may share it.
+    let foreign_links = owns_guest && guest_has_foreign_links()?;
+    let shares_network = shares_guest_network(owns_guest, guest_network, foreign_links);
     // init_body sees the network namespace too, and brings its loopback up.
-    let flags = network_namespace(new_namespaces(&spec), owns_guest, guest_network);
+    let flags = network_namespace(new_namespaces(&spec), owns_guest, shares_network);
     if flags & libc::CLONE_NEWNS == 0 {
         return Err(error(
             ErrorKind::InvalidArgument,
@@ -685,7 +716,7 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
     let namespaces = Namespaces::New {
         clone_flags: flags
             & !libc::CLONE_NEWCGROUP
-            & !guest_owned(flags, owns_guest, guest_network),
+            & !guest_owned(flags, owns_guest, shares_network),
         id_maps: id_maps(&spec),
     };
     let spawned = spawn::spawn(namespaces, &cgroup.procs_file(), child, true, |gate| {
@@ -759,7 +790,7 @@ mod tests {
     }
 
     #[test]
-    fn without_the_guests_network_a_guest_owning_container_gets_its_own() {
+    fn a_guest_owning_container_not_sharing_the_guests_network_gets_its_own() {
         // The spec names the engine's namespace (a path) or none at all (host networking).
         let flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID;
         let net = network_namespace(flags, true, false);
@@ -776,6 +807,32 @@ mod tests {
             guest_owned(network_namespace(with_net, true, true), true, true),
             libc::CLONE_NEWNET
         );
+    }
+
+    #[test]
+    fn the_guests_network_is_shared_unless_another_network_is_there() {
+        // (owns_guest, guest_network, foreign_links) -> shares
+        for (owns, network, foreign, shares) in [
+            (true, true, false, true),
+            (true, true, true, true),
+            // No network for it, and loopback alone left once the spare NICs are parked.
+            (true, false, false, true),
+            // An interface up that the engine did not give this container.
+            (true, false, true, false),
+            (false, true, false, false),
+            (false, false, false, false),
+        ] {
+            assert_eq!(
+                shares_guest_network(owns, network, foreign),
+                shares,
+                "{owns} {network} {foreign}"
+            );
+        }
+        // Shared: a spec asking for a new one (or naming the engine's) makes none.
+        let flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWNET;
+        let shares = shares_guest_network(true, false, false);
+        let made = network_namespace(flags, true, shares) & !guest_owned(flags, true, shares);
+        assert_eq!(made & libc::CLONE_NEWNET, 0);
     }
 
     #[test]

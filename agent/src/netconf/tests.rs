@@ -287,20 +287,8 @@ fn ip(args: &[&str]) -> String {
 /// /dev/net/tun and iproute2, as the project's machines have; skipped elsewhere.
 #[test]
 fn an_engine_network_is_applied_to_devices_found_by_mac() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED: needs root and /dev/net/tun");
-        return;
-    }
-    std::thread::spawn(|| {
-        use std::os::unix::fs::MetadataExt;
-        let before = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
-        // SAFETY: unshare only moves this thread into a new network namespace.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
-        let after = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
-        // Nothing below may touch the machine's own network.
-        assert_ne!(before, after, "the thread is in a namespace of its own");
-
+    in_own_namespace(|parking| {
+        let apply = |net: &NetworkSetup| apply_with(net, parking);
         let _first = tap("tap0");
         let _second = tap("eth0");
         let links = Netlink::open().unwrap().links().unwrap();
@@ -381,7 +369,113 @@ fn an_engine_network_is_applied_to_devices_found_by_mac() {
         };
         let e = apply(&unreachable).unwrap_err().to_string();
         assert!(e.contains("route default via 172.31.0.1"), "{e}");
+    });
+}
+
+/// A thread in a network namespace of its own (so that nothing touches the machine's network)
+/// runs `body`, given a parking for that namespace. Needs root, /dev/net/tun and iproute2;
+/// skipped elsewhere.
+fn in_own_namespace(body: impl FnOnce(&Parking) + Send + 'static) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIPPED: needs root and /dev/net/tun");
+        return;
+    }
+    std::thread::spawn(|| {
+        use std::os::unix::fs::MetadataExt;
+        let before = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
+        // SAFETY: unshare only moves this thread into a new network namespace.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        let after = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
+        assert_ne!(before, after, "the thread is in a namespace of its own");
+        body(&Parking::open("/proc/thread-self/ns/net").unwrap());
     })
     .join()
     .unwrap();
+}
+
+fn link_names() -> Vec<String> {
+    let mut names: Vec<String> = Netlink::open()
+        .unwrap()
+        .links()
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    names.sort();
+    names
+}
+
+/// Two spare NICs (TAPs, down as a template's NICs are) go out of sight, and come back, one of
+/// them under a name of its own first, when a network names them: their kernel names are the
+/// other's engine names, as when the engine's eth0 is the guest's second NIC.
+#[test]
+fn spare_devices_are_parked_and_come_back_when_a_network_names_them() {
+    in_own_namespace(|parking| {
+        let _first = tap("eth0");
+        let _second = tap("eth1");
+        let links = Netlink::open().unwrap().links().unwrap();
+        let mac_of = |name: &str| links.iter().find(|l| l.name == name).unwrap().mac.unwrap();
+        let (first, second) = (mac_of("eth0"), mac_of("eth1"));
+        assert!(
+            links
+                .iter()
+                .any(|l| l.link_type == netlink::ARPHRD_LOOPBACK)
+        );
+        assert!(links.iter().any(|l| l.link_type == netlink::ARPHRD_ETHER));
+
+        // What a container owning the guest is created after.
+        let left = crate::nic_park::park_spare_with(parking).unwrap();
+        assert!(crate::nic_park::only_loopback(&left), "{left:?}");
+        assert_eq!(link_names(), ["lo"]);
+        // An empty network (a template's) with nothing left to park changes nothing.
+        apply_with(&NetworkSetup::default(), parking).unwrap();
+        assert_eq!(link_names(), ["lo"]);
+
+        let interface = |device_mac, name: &str, last| GuestInterface {
+            device_mac,
+            name: name.into(),
+            mac: [0x52, 0x54, 0, 0x12, 0x34, last],
+            mtu: 1500,
+            addresses: vec![prefix(&format!("10.88.0.{last}"), 16)],
+        };
+        // A late network, as after a create: the first NIC becomes eth1, so the second comes
+        // back with eth1 taken.
+        let net = NetworkSetup {
+            interfaces: vec![interface(first, "eth1", 5), interface(second, "eth0", 6)],
+            routes: vec![GuestRoute {
+                gateway: gateway("10.88.0.1"),
+                device: Some("eth1".into()),
+                ..GuestRoute::default()
+            }],
+        };
+        validate(&net).unwrap();
+        apply_with(&net, parking).unwrap();
+        apply_with(&net, parking).unwrap();
+        assert_eq!(link_names(), ["eth0", "eth1", "lo"]);
+        let link = ip(&["-o", "link", "show", "eth1"]);
+        assert!(link.contains("link/ether 52:54:00:12:34:05"), "{link}");
+        assert!(link.contains("UP"), "{link}");
+        let addrs = ip(&["-o", "addr", "show", "eth0"]);
+        assert!(addrs.contains("inet 10.88.0.6/16"), "{addrs}");
+        let routes = ip(&["route"]);
+        assert!(
+            routes.contains("default via 10.88.0.1 dev eth1"),
+            "{routes}"
+        );
+
+        // A configured device taken down (by the container) stays where it is.
+        ip(&["link", "set", "eth0", "down"]);
+        let left = crate::nic_park::park_spare_with(parking).unwrap();
+        assert!(!crate::nic_park::only_loopback(&left));
+        assert_eq!(link_names(), ["eth0", "eth1", "lo"]);
+
+        // A device found nowhere is still named so.
+        let missing = NetworkSetup {
+            interfaces: vec![interface([0x02, 0, 0, 0, 0, 9], "eth2", 7)],
+            routes: Vec::new(),
+        };
+        let e = apply_with(&missing, parking).unwrap_err();
+        assert!(matches!(e, NetworkError::NoDevice { .. }), "{e}");
+    });
 }

@@ -147,6 +147,14 @@ pub fn carry(spec: &Spec) -> Result<Carried, NetworkError> {
     }
 }
 
+/// Carries what the engine has put, since the VM started, into the namespace this process
+/// made for itself ([`unshare_for`]): Docker's prestart hook moves the container's interface
+/// into `/proc/MONITOR/ns/net` during `create`. The namespace is the engine's to remove, with
+/// its interfaces; cocoon's TAPs go with the VMM.
+pub fn carry_own() -> Result<Carried, NetworkError> {
+    carry_from(Path::new("/proc/self/ns/net"))
+}
+
 fn carry_from(path: &Path) -> Result<Carried, NetworkError> {
     let netns = netns::open(path)?;
     netns::within(&netns, || {

@@ -43,8 +43,10 @@ pub fn delete(global: &Global, id: &str, force: bool) -> Result<(), CliError> {
     let network_file = dir.path.join(cocoon_runtime::network::NETWORK_FILE);
     if let Ok(record) =
         crate::state::read_json::<cocoon_runtime::network::NetworkRecord>(&network_file)
+        && let Err(e) = cocoon_runtime::network::release(&record)
     {
-        cocoon_runtime::network::release(&record)?;
+        // The container still goes: a delete that failed here would leave it undeletable.
+        tracing::warn!("{e}");
     }
     dir.remove()?;
     // As runc: once the container and its state are gone.

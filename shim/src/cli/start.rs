@@ -1,11 +1,14 @@
 //! `cocoon start`: let a created container's process exec, then run the poststart hooks.
 
 use cocoon_runtime::Container;
+use cocoon_runtime::control::{self, Request};
+use cocoon_runtime::launch::Launch;
+use cocoon_runtime::network;
 
 use super::Global;
 use crate::error::CliError;
 use crate::hooks::{self, Stage};
-use crate::state::{ContainerDir, Status, VSOCK_SOCKET, status};
+use crate::state::{CONTROL_SOCKET, ContainerDir, Status, VSOCK_SOCKET, status};
 
 pub fn start(global: &Global, id: &str) -> Result<(), CliError> {
     let dir = ContainerDir::open(&global.root, id)?;
@@ -19,6 +22,12 @@ pub fn start(global: &Global, id: &str) -> Result<(), CliError> {
                 wanted: "created",
             });
         }
+    }
+    // An engine that fills a new network namespace itself (Docker, from a prestart hook) has
+    // done so by now: the monitor carries it into the VM before the process runs.
+    let launch = Launch::read(&dir.path)?;
+    if network::netns_of(&launch.spec) == network::SpecNetns::New {
+        control::call(&dir.file(CONTROL_SOCKET), &Request::CarryNetwork)?;
     }
     Container::new(&dir.file(VSOCK_SOCKET), id).start()?;
     record.started = true;

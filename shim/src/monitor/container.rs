@@ -54,25 +54,38 @@ pub fn run(
         }
     };
     let mut hooks_ran = false;
-    let isolated = Launch::read(dir).and_then(|launch| Ok(network::unshare_for(&launch.spec)?));
-    if let Err(e) = isolated {
-        report(&mut report_to, &Err::<(), _>(e), || {
-            let _ = std::fs::remove_dir_all(dir);
-        });
-        std::process::exit(1);
-    }
+    let isolated = Launch::read(dir).and_then(|launch| {
+        network::unshare_for(&launch.spec)?;
+        Ok(network::netns_of(&launch.spec) == network::SpecNetns::New)
+    });
+    let own_netns = match isolated {
+        Ok(own) => own,
+        Err(e) => {
+            report(&mut report_to, &Err::<(), _>(e), || {
+                let _ = std::fs::remove_dir_all(dir);
+            });
+            std::process::exit(1);
+        }
+    };
     let opened = match restore_from {
         Some(checkpoint) => open_restored(dir, &container, checkpoint),
         None => open(dir, &container),
     };
     let result = opened.and_then(|(sandbox, stdio)| {
+        // A restored container's network came with its checkpoint.
+        let held = Held::new(sandbox, dir, id, own_netns && restore_from.is_none());
         if let Some(record) = &record
             && restore_from.is_none()
         {
             hooks_ran = true;
-            start_with_hooks(&sandbox.container(id), dir, record)?;
+            start_with_hooks(&held, dir, record)?;
         }
-        Ok((sandbox, stdio))
+        // Served before the verb that spawned us hears of the container: `start` may follow
+        // at once and need it.
+        if let Err(e) = held.serve(&dir.join(CONTROL_SOCKET)) {
+            tracing::warn!("no control socket (pause and resume will fail): {e}");
+        }
+        Ok((held, stdio))
     });
     report(&mut report_to, &result, || {
         if hooks_ran {
@@ -85,13 +98,9 @@ pub fn run(
             crate::cli::create::run_poststop_hooks(record);
         }
     });
-    let Ok((sandbox, stdio)) = result else {
+    let Ok((held, stdio)) = result else {
         std::process::exit(1);
     };
-    let held = Held::new(sandbox, dir, id);
-    if let Err(e) = held.serve(&dir.join(CONTROL_SOCKET)) {
-        tracing::warn!("no control socket (pause and resume will fail): {e}");
-    }
     let target = Target {
         container,
         exec_id: None,
@@ -104,13 +113,15 @@ pub fn run(
 
 /// Under `run`: the prestart and createRuntime hooks (a failure fails the run), the start,
 /// then the poststart hooks (a failure is a warning), each told the state at that point.
-fn start_with_hooks(container: &Container, dir: &Path, record: &Record) -> Result<(), CliError> {
+fn start_with_hooks(held: &Held, dir: &Path, record: &Record) -> Result<(), CliError> {
     let hook_list = record.hooks.as_ref();
     hooks::run(
         hook_list,
         &hooks::CREATE,
         &record.oci_state(ContainerState::Creating),
     )?;
+    held.handle(Request::CarryNetwork)?;
+    let container = held.sandbox.container(&held.id);
     container.start()?;
     crate::logging::phase("container started");
     let state = record.oci_state(status(dir, record).oci());
@@ -225,6 +236,25 @@ impl Network {
     fn keep(mut self) {
         self.kept = true;
     }
+
+    /// What the engine has put into the monitor's own namespace since the VM started, given
+    /// to the running VM's spare NICs and configured in the guest. No record is written: the
+    /// namespace and its interfaces are the engine's to remove, and `delete` could not name it
+    /// safely once this process (whose `/proc/PID` names it) is gone.
+    fn carry_late(sandbox: &Sandbox) -> Result<(), CliError> {
+        let network = Network {
+            carried: network::carry_own()?,
+            kept: false,
+        };
+        if network.carried.setup.interfaces.is_empty() {
+            return Ok(());
+        }
+        sandbox.attach_taps(&network.carried.taps)?;
+        sandbox.configure_network(network.carried.setup.clone())?;
+        crate::logging::phase("network carried");
+        network.keep();
+        Ok(())
+    }
 }
 
 impl Drop for Network {
@@ -247,15 +277,19 @@ struct Held {
     sandbox: Arc<Sandbox>,
     /// `Some` while paused.
     paused: Arc<Mutex<Option<Pending>>>,
+    /// The container's network is in the monitor's own namespace, filled by the engine after
+    /// the VM started, and not carried yet.
+    late_network: Arc<Mutex<bool>>,
     marker: PathBuf,
     id: String,
 }
 
 impl Held {
-    fn new(sandbox: Sandbox, dir: &Path, id: &str) -> Held {
+    fn new(sandbox: Sandbox, dir: &Path, id: &str, late_network: bool) -> Held {
         Held {
             sandbox: Arc::new(sandbox),
             paused: Arc::new(Mutex::new(None)),
+            late_network: Arc::new(Mutex::new(late_network)),
             marker: dir.join(PAUSED_FILE),
             id: id.to_owned(),
         }
@@ -283,6 +317,14 @@ impl Held {
             Request::Resume => {
                 let pending = paused.take().ok_or(CliError::NotPaused(self.id.clone()))?;
                 self.resume_with(pending)
+            }
+            Request::CarryNetwork => {
+                let mut late = self.late_network.lock().unwrap_or_else(|p| p.into_inner());
+                if *late {
+                    Network::carry_late(&self.sandbox)?;
+                    *late = false;
+                }
+                Ok(())
             }
             Request::Checkpoint { dir, leave_running } => {
                 std::fs::create_dir_all(&dir).map_err(CliError::io("create", &dir))?;

@@ -128,6 +128,11 @@ impl MmioTransport {
         }
     }
 
+    /// See `VirtioDevice::vm_ended`.
+    pub fn vm_ended(&mut self) {
+        self.device.vm_ended();
+    }
+
     pub fn host_event_fd(&self) -> Option<std::os::fd::RawFd> {
         self.device.host_event_fd()
     }

@@ -117,6 +117,9 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// The VM has ended: no guest will answer any more. A device whose host side has peers
+    /// waiting on the guest lets them go, so they see the end instead of waiting for ever.
+    fn vm_ended(&mut self) {}
     /// What a snapshot keeps of the device, enough to reopen its host side (`persist.rs`).
     fn save(&self) -> persist::DeviceState;
     /// The device restored from a snapshot may now talk to the driver (the interrupt
@@ -127,6 +130,11 @@ pub trait VirtioDevice: Send {
     /// The block device behind this trait object, so a disk can be swapped through the
     /// transport; `None` for every other kind.
     fn as_block_mut(&mut self) -> Option<&mut block::Block> {
+        None
+    }
+    /// The network device behind this trait object, so a TAP can be given to a NIC through the
+    /// transport; `None` for every other kind.
+    fn as_net_mut(&mut self) -> Option<&mut net::Net> {
         None
     }
 }

@@ -18,13 +18,13 @@ use super::block::persist::BlockState;
 use super::block::{Disk, DiskError};
 use super::mmio::MmioTransport;
 use super::net::persist::NetState;
-use super::net::tap::TapError;
+use super::net::tap::{Tap, TapError};
 use super::rng::persist::RngState;
 use super::vsock::persist::VsockState;
 use super::{
     INT_CONFIG_CHANGE, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, status,
 };
-use crate::config::{DiskConfig, NetConfig};
+use crate::config::{DiskConfig, NetConfig, TapSource};
 
 /// The device behind a transport, by kind.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,6 +207,17 @@ pub enum SwapError {
     NotBlock(u32),
     #[error(transparent)]
     Disk(#[from] DiskError),
+}
+
+/// Why a TAP could not be given to a NIC; the caller knows which device it asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("not a network device (virtio device type {0}): only NICs take a TAP")]
+    NotNet(u32),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("cannot watch the TAP: {0}")]
+    Watch(std::io::Error),
 }
 
 /// `block` for `block0`; `None` for an id without a kind and an index.
@@ -460,6 +471,21 @@ impl MmioTransport {
         // Before DRIVER_OK the driver reads the capacity when it gets there.
         if self.status & status::DRIVER_OK != 0 {
             self.interrupt.signal_config_change();
+        }
+        Ok(())
+    }
+
+    /// Gives a NIC `tap` as its host side under a running guest (a detached NIC of a VM
+    /// restored from a template, once the engine has made the container's network). The driver
+    /// sees no change: frames start to flow, with the offloads it negotiated. `None` detaches.
+    pub fn attach_tap(&mut self, tap: &TapSource) -> Result<(), AttachError> {
+        let device_type = self.device.device_type();
+        let Some(net) = self.device.as_net_mut() else {
+            return Err(AttachError::NotNet(device_type));
+        };
+        match Tap::from_source(tap)? {
+            Some(tap) => net.attach(tap).map_err(AttachError::Watch)?,
+            None => net.detach(),
         }
         Ok(())
     }

@@ -173,14 +173,7 @@ impl Net {
     /// Gives the NIC `tap` as its host side (replacing any other), with the offloads the driver
     /// accepted if it has already.
     pub fn attach(&mut self, tap: Tap) -> std::io::Result<()> {
-        if let Some(old) = self.tap.take() {
-            // The old fd's description may live on (the caller's dup): it must leave our epoll.
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                old.file.as_raw_fd(),
-                EpollEvent::default(),
-            );
-        }
+        self.detach();
         self.epoll.ctl(
             ControlOperation::Add,
             tap.file.as_raw_fd(),
@@ -190,6 +183,19 @@ impl Net {
         self.tap_readable = true;
         self.apply_offloads();
         Ok(())
+    }
+
+    /// Drops the host side: frames the guest sends from now on are counted and dropped.
+    pub fn detach(&mut self) {
+        if let Some(old) = self.tap.take() {
+            // The old fd's description may live on (the caller's dup): it must leave our epoll.
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                old.file.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        self.tap_readable = false;
     }
 
     /// The TAP's interface name, `None` when detached.
@@ -592,6 +598,9 @@ const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
+    }
+    fn as_net_mut(&mut self) -> Option<&mut Net> {
+        Some(self)
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

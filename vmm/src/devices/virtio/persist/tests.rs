@@ -686,3 +686,39 @@ fn a_detached_nic_is_restored_onto_a_tap_fd() {
         return;
     };
 }
+
+#[test]
+fn a_running_nic_takes_a_tap_and_gives_it_back() {
+    use crate::devices::virtio::net::Net;
+    use crate::devices::virtio::net::tap::tests::in_new_netns;
+    let m = mem();
+    let mut rng = MmioTransport::new(Box::new(Rng::new()), m.clone(), interrupt());
+    assert!(matches!(
+        rng.attach_tap(&TapSource::Detached),
+        Err(AttachError::NotNet(4))
+    ));
+    let Some(()) = in_new_netns(move || {
+        let net = Net::new(None, [2, 0, 0, 0, 0, 1]).unwrap();
+        let mut t = MmioTransport::new(Box::new(net), m, interrupt());
+        let name = |t: &mut MmioTransport| {
+            t.device
+                .as_net_mut()
+                .and_then(|n| n.tap_name().map(str::to_owned))
+        };
+        assert_eq!(name(&mut t), None);
+        t.attach_tap(&TapSource::Name("cocoontest1".into()))
+            .unwrap();
+        assert_eq!(name(&mut t).as_deref(), Some("cocoontest1"));
+        // A bad source leaves the NIC as it was.
+        assert!(matches!(
+            t.attach_tap(&TapSource::Fd(-1)),
+            Err(AttachError::Tap(_))
+        ));
+        assert_eq!(name(&mut t).as_deref(), Some("cocoontest1"));
+        t.attach_tap(&TapSource::Detached).unwrap();
+        assert_eq!(name(&mut t), None);
+    }) else {
+        eprintln!("SKIPPED a_running_nic_takes_a_tap_and_gives_it_back: needs root");
+        return;
+    };
+}

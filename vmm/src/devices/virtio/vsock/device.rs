@@ -125,6 +125,10 @@ impl VirtioDevice for Vsock {
         VIRTIO_ID_VSOCK
     }
 
+    fn vm_ended(&mut self) {
+        self.muxer.close_host_side();
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &self.queue_sizes
     }

@@ -114,6 +114,24 @@ impl Muxer {
         })
     }
 
+    /// The VM has ended: every host client's connection (accepted, mid-`CONNECT`, or still in
+    /// the listener's backlog) is closed, so it reads EOF instead of waiting for a guest that
+    /// will not answer, and new ones are refused. The socket file stays: a VM restored in its
+    /// place may already have bound the path again.
+    pub fn close_host_side(&mut self) {
+        self.conns.clear();
+        self.conn_by_token.clear();
+        self.token_by_conn.clear();
+        self.pending.clear();
+        self.readable.clear();
+        self.control.clear();
+        // SAFETY: shutdown(2) on the listener we own; a connect to it is then refused.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        while let Ok((stream, _)) = self.listener.accept() {
+            drop(stream);
+        }
+    }
+
     /// The socket host clients connect to (`PATH_<port>` for guest connects derives from it).
     pub fn uds_path(&self) -> &Path {
         &self.uds_path
@@ -559,6 +577,27 @@ mod tests {
             m.handle_host_events();
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    /// A host client of a VM that ended reads EOF wherever it was: mid-`CONNECT`, or not yet
+    /// accepted; and a new client is refused.
+    #[test]
+    fn clients_of_an_ended_vm_see_the_end() {
+        use std::io::Read;
+        let (mut m, path) = muxer("ended");
+        let mut waiting = UnixStream::connect(&path).unwrap();
+        settle(&mut m);
+        let mut queued = UnixStream::connect(&path).unwrap();
+        m.close_host_side();
+        for client in [&mut waiting, &mut queued] {
+            client
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut buf = [0u8; 8];
+            assert_eq!(client.read(&mut buf).unwrap(), 0, "EOF, not a wait");
+        }
+        assert!(UnixStream::connect(&path).is_err(), "refused after the end");
+        assert_eq!(m.connection_count(), 0);
     }
 
     #[test]
