@@ -167,7 +167,7 @@ fn open_restored(
 fn open(dir: &Path, container: &Container) -> Result<(Sandbox, Stdio), CliError> {
     let launch = Launch::read(dir)?;
     let network = Network::carry(dir, &launch)?;
-    crate::logging::phase("network carried");
+    crate::logging::phase("vm starting");
     let sandbox = Sandbox::start(
         &SandboxConfig::for_launch(&launch, container.vsock_socket(), &network.carried.taps),
         &launch.start,
