@@ -371,13 +371,35 @@ impl Sandbox {
 
     /// Gives the VM's NICs, from the first, these TAPs as their host sides, while it runs:
     /// NICs of a template were saved without one.
+    /// All or nothing: on a failure the NICs attached so far are detached again.
     pub fn attach_taps(&self, taps: &[Arc<OwnedFd>]) -> Result<(), Error> {
+        let nics = self.vm.config().nets.len();
+        if taps.len() > nics {
+            return Err(Error::Other(format!(
+                "the engine gave the container {} network interfaces; its microVM has {nics} \
+                 NICs (`cocoon template create --nics N` makes templates with more)",
+                taps.len()
+            )));
+        }
         for (slot, tap) in taps.iter().enumerate() {
-            self.vm
+            if let Err(e) = self
+                .vm
                 .attach_tap(&format!("net{slot}"), TapSource::Fd(tap.as_raw_fd()))
-                .map_err(|e| Error::Other(format!("cannot give NIC {slot} its TAP: {e}")))?;
+            {
+                self.detach_taps(slot);
+                return Err(Error::Other(format!("cannot give NIC {slot} its TAP: {e}")));
+            }
         }
         Ok(())
+    }
+
+    /// Takes the first `count` NICs' host sides away (the VMM closes its TAP fds).
+    pub fn detach_taps(&self, count: usize) {
+        for slot in 0..count {
+            let _ = self
+                .vm
+                .attach_tap(&format!("net{slot}"), TapSource::Detached);
+        }
     }
 
     /// Has the agent create a container (stopped before its process execs).

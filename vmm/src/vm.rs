@@ -476,8 +476,10 @@ impl Vm {
             .devices
             .get(id)
             .ok_or_else(|| SwapError::NoSuchDisk(id.to_owned()))?;
+        // Device before origin, as `snapshot` takes them.
+        let mut device = lock(transport);
+        device.swap_disk(disk.clone())?;
         let mut origin = lock(&self.origin);
-        lock(transport).swap_disk(disk.clone())?;
         if let Some(slot) = origin.config.disks.get_mut(index) {
             *slot = disk;
         }
@@ -496,10 +498,16 @@ impl Vm {
             .devices
             .get(id)
             .ok_or_else(|| AttachError::NoSuchNic(id.to_owned()))?;
+        // Device before origin, as `snapshot` takes them.
+        let mut device = lock(transport);
+        device.attach_tap(&tap)?;
         let mut origin = lock(&self.origin);
-        lock(transport).attach_tap(&tap)?;
         if let Some(slot) = origin.config.nets.get_mut(index) {
-            slot.tap = tap;
+            // The caller's fd number means nothing once it closes it; the VMM holds its own.
+            slot.tap = match tap {
+                TapSource::Fd(_) => TapSource::Detached,
+                other => other,
+            };
         }
         Ok(())
     }

@@ -5,7 +5,9 @@ use std::net::IpAddr;
 
 use cocoon_agent_protocol::message::{GuestRoute, IpPrefix};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage};
+use netlink_packet_route::link::{
+    InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -39,8 +41,15 @@ fn kind_name(kind: &InfoKind) -> String {
     }
 }
 
-/// The namespace's interfaces other than loopback; one that cannot be carried (not ethernet,
-/// or a bridge, tunnel, TAP, ...) is an error naming it.
+/// The devices the kernel makes in every new namespace when a tunnel module is loaded on the
+/// host (Calico and others load them): down, and nothing of the engine's.
+const FALLBACK_TUNNELS: &[&str] = &[
+    "sit0", "tunl0", "ip6tnl0", "gre0", "gretap0", "erspan0", "ip_vti0", "ip6_vti0", "ip6gre0",
+];
+
+/// The namespace's interfaces other than loopback (and the kernel's fallback tunnels); one that
+/// cannot be carried (not ethernet, or a bridge, tunnel, TAP, ...) is an error naming it, and
+/// a TAP of cocoon's says another container's microVM has the namespace already.
 pub fn links(netlink: &mut Netlink) -> Result<Vec<Link>, NetworkError> {
     let replies = netlink
         .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
@@ -80,6 +89,13 @@ pub fn links(netlink: &mut Netlink) -> Result<Vec<Link>, NetworkError> {
                 }
                 _ => {}
             }
+        }
+        let up = link.header.flags.contains(LinkFlags::Up);
+        if !up && FALLBACK_TUNNELS.contains(&found.name.as_str()) {
+            continue;
+        }
+        if found.kind == "tun" && found.name.ends_with(super::TAP_SUFFIX) {
+            return Err(NetworkError::AlreadyCarried { tap: found.name });
         }
         let ethernet = link.header.link_layer_type == LinkLayerType::Ether && mac_len == 6;
         if !ethernet || !CARRIED_KINDS.contains(&found.kind.as_str()) {

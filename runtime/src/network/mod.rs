@@ -39,6 +39,11 @@ pub enum NetworkError {
          interfaces (veth, macvlan, ipvlan)"
     )]
     Unsupported { name: String, kind: String },
+    #[error(
+        "the network namespace is carried into another cocoon microVM already (it holds \
+         cocoon's TAP {tap}): containers in microVMs cannot share one (`--network container:`)"
+    )]
+    AlreadyCarried { tap: String },
     #[error("cannot make TAP {name} for the microVM: {source}")]
     Tap {
         name: String,
@@ -51,6 +56,9 @@ pub enum NetworkError {
         source: std::io::Error,
     },
 }
+
+/// How cocoon's TAPs end (`tap0_cocoon`): a namespace holding one is carried already.
+pub const TAP_SUFFIX: &str = "_cocoon";
 
 /// The MAC the VMM gives NIC `slot`: how the agent finds the device to configure (a VM from a
 /// template was made before its container's MACs were known).
@@ -186,7 +194,7 @@ fn carry_link(
     carried: &mut Carried,
 ) -> Result<(), NetworkError> {
     let addresses = inspect::addresses(netlink, link.index)?;
-    let name = format!("tap{slot}_cocoon");
+    let name = format!("tap{slot}{TAP_SUFFIX}");
     let tap = cocoon_vmm::devices::virtio::net::tap::Tap::open(&name).map_err(|source| {
         NetworkError::Tap {
             name: name.clone(),

@@ -81,9 +81,14 @@ pub fn run(
             start_with_hooks(&held, dir, record)?;
         }
         // Served before the verb that spawned us hears of the container: `start` may follow
-        // at once and need it.
+        // at once and need it (always, when the engine fills our namespace).
         if let Err(e) = held.serve(&dir.join(CONTROL_SOCKET)) {
-            tracing::warn!("no control socket (pause and resume will fail): {e}");
+            if own_netns {
+                return Err(CliError::Other(format!(
+                    "cannot serve the control socket: {e}"
+                )));
+            }
+            tracing::warn!("no control socket (pause, resume and checkpoint will fail): {e}");
         }
         Ok((held, stdio))
     });
@@ -250,7 +255,11 @@ impl Network {
             return Ok(());
         }
         sandbox.attach_taps(&network.carried.taps)?;
-        sandbox.configure_network(network.carried.setup.clone())?;
+        if let Err(e) = sandbox.configure_network(network.carried.setup.clone()) {
+            // The TAPs go with the VMM's fds: nothing of cocoon's stays in the namespace.
+            sandbox.detach_taps(network.carried.taps.len());
+            return Err(e);
+        }
         crate::logging::phase("network carried");
         network.keep();
         Ok(())
@@ -320,6 +329,13 @@ impl Held {
             }
             Request::CarryNetwork => {
                 let mut late = self.late_network.lock().unwrap_or_else(|p| p.into_inner());
+                if *late && paused.is_some() {
+                    // The agent could not answer: the call would wait with the lock held.
+                    return Err(CliError::Other(format!(
+                        "container {} is paused: its network cannot be carried",
+                        self.id
+                    )));
+                }
                 if *late {
                     Network::carry_late(&self.sandbox)?;
                     *late = false;
