@@ -358,9 +358,9 @@ impl Sandbox {
     }
 
     /// Configures the guest's network alone (nothing else of its identity changes): the NICs
-    /// named in `network` get the engine's interfaces, and the agent puts the NICs it names
-    /// not out of sight, so a container without a network sees loopback only. A template
-    /// is saved after an empty one; a late network (made after `create`) comes this way too.
+    /// named in `network` get the engine's interfaces, and the agent hides the NICs it does
+    /// not name, so a container without a network sees loopback only. A template is saved
+    /// after an empty one; a late network (made after `create`) comes this way too.
     pub fn configure_network(&self, network: NetworkSetup) -> Result<(), Error> {
         let setup = GuestSetup {
             network,
@@ -369,9 +369,9 @@ impl Sandbox {
         self.call(|agent| agent.setup_guest(setup))
     }
 
-    /// Gives the VM's NICs, from the first, these TAPs as their host sides, while it runs:
-    /// NICs of a template were saved without one.
-    /// All or nothing: on a failure the NICs attached so far are detached again.
+    /// Gives the VM's NICs, from the first, these TAPs as their host sides, while it runs
+    /// (NICs of a template were saved without one). All or nothing: on a failure the NICs
+    /// attached so far are detached again.
     pub fn attach_taps(&self, taps: &[Arc<OwnedFd>]) -> Result<(), Error> {
         let nics = self.vm.config().nets.len();
         if taps.len() > nics {
