@@ -289,6 +289,8 @@ fn containers_live_and_die_like_runc_containers() {
         (Some("created"), Some(pid as i64))
     );
     assert_eq!(state["bundle"], b.to_str().unwrap());
+    // The monitor runs the VM: its VMM threads are jailed, the monitor's own are not.
+    cocoon_tests::assert_vmm_jailed(pid as u32, 256);
     // createRuntime (after the deprecated prestart) ran before create returned, told the
     // monitor's pid, as `state` reports it.
     let mut ran = vec![
@@ -381,6 +383,34 @@ fn containers_live_and_die_like_runc_containers() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("in-exec\nsh\0-c\0"), "{stdout:?}");
+    // An exec that cannot run says why, as runc's does: not found on the PATH, and an execve
+    // that fails (a script whose interpreter is missing), attached and detached.
+    // (The log line quotes the message, as runc's logrus does: its quotes come escaped.)
+    let err = cocoon.fails(&["exec", "c1", "nosuch"]);
+    assert!(
+        err.contains(r#"exec: \"nosuch\": executable file not found in $PATH"#),
+        "{err}"
+    );
+    cocoon.ok(&[
+        "exec",
+        "c1",
+        "sh",
+        "-c",
+        "printf '#!/nonexistent\\n' > /tmp/bad && chmod +x /tmp/bad",
+    ]);
+    for detach in [&[][..], &["--detach"]] {
+        let args: Vec<&str> = ["exec"]
+            .iter()
+            .chain(detach)
+            .chain(&["c1", "/tmp/bad"])
+            .copied()
+            .collect();
+        let err = cocoon.fails(&args);
+        assert!(
+            err.contains("exec /tmp/bad: no such file or directory"),
+            "{args:?}: {err}"
+        );
+    }
     // exec --process --detach --pid-file: what containerd's shim and Podman issue.
     let process = scratch.path("process.json");
     std::fs::write(
@@ -425,9 +455,10 @@ fn containers_live_and_die_like_runc_containers() {
             .parse()
             .unwrap_or_else(|_| panic!("counter {out:?}"))
     };
-    // Each read is an exec (seconds here, with the counter running meanwhile): the windows
-    // must be long against that for "stood still" to show.
-    let window = std::time::Duration::from_secs(10);
+    // Each read is an exec (about 7 s here, with the counter running meanwhile at about one
+    // tick per 2 s of emulated fork and exec): the windows must be long against that for
+    // "stood still" to show, since the pause window also holds a pause and a resume.
+    let window = std::time::Duration::from_secs(20);
     let before = count();
     std::thread::sleep(window);
     let running = count() - before;

@@ -820,3 +820,63 @@ pub fn check_published_web_server(
     assert_eq!(fetched, "hello-from-cocoon\n");
     address
 }
+
+/// Checks that the VMM threads of process `pid` (vCPUs, the device thread, the supervisor)
+/// run jailed: a seccomp filter, no_new_privs, no capabilities; and that its guest memory
+/// (`guest_mib` MiB at least) is left out of core dumps. Threads named
+/// otherwise belong to the embedder and are not checked.
+pub fn assert_vmm_jailed(pid: u32, guest_mib: u64) {
+    let field = |status: &str, name: &str| -> String {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let mut jailed = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the VMM's threads") {
+        let task = task.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        let comm = comm.trim().to_string();
+        // The process's main thread is named after its binary (`cocoon-vmm`, `cocoon`).
+        if !(comm.starts_with("cocoon-vcpu") || comm == "cocoon-devices" || comm == "cocoon-vm") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        assert_eq!(field(&status, "Seccomp"), "2", "{comm}: {status}");
+        assert_eq!(field(&status, "NoNewPrivs"), "1", "{comm}");
+        assert_eq!(field(&status, "CapEff"), "0000000000000000", "{comm}");
+        assert_eq!(field(&status, "CapPrm"), "0000000000000000", "{comm}");
+        jailed.push(comm);
+    }
+    assert!(
+        jailed.iter().any(|c| c.starts_with("cocoon-vcpu"))
+            && jailed.iter().any(|c| c == "cocoon-vm"),
+        "no jailed VMM threads in process {pid}: {jailed:?}"
+    );
+    // smaps: a "Size:" line per mapping, then its "VmFlags:" ("dd": do not dump). Guest
+    // memory may be split in several mappings; together they hold at least `guest_mib`.
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut size_kib = 0u64;
+    let mut undumped_kib = 0u64;
+    for line in smaps.lines() {
+        if let Some(size) = line.strip_prefix("Size:") {
+            size_kib = size
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+        } else if let Some(flags) = line.strip_prefix("VmFlags:")
+            && flags.split_whitespace().any(|f| f == "dd")
+        {
+            undumped_kib += size_kib;
+        }
+    }
+    assert!(
+        undumped_kib >= guest_mib * 1024,
+        "only {undumped_kib} KiB of process {pid} is left out of core dumps: guest memory is {guest_mib} MiB"
+    );
+}

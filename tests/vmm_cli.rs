@@ -246,6 +246,8 @@ fn api_socket_pauses_and_resumes_a_booting_guest() {
         );
         std::thread::sleep(Duration::from_millis(5));
     };
+    // Jailed by default, with guest memory kept out of core dumps (128 MiB by default).
+    cocoon_tests::assert_vmm_jailed(child.child.id(), 128);
     // Let the guest get going (its first exits), so the pause has running vCPUs to stop.
     let deadline = Instant::now() + Duration::from_secs(5);
     while ask(&mut stream, r#"{"action":"state"}"#)["exits"] == 0 && Instant::now() < deadline {

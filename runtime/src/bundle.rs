@@ -37,13 +37,21 @@ pub enum BundleError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "root.path {root} resolves to {resolved}, outside the bundle {bundle}: a relative root.path must stay inside the bundle"
+    )]
+    RootOutside {
+        root: PathBuf,
+        resolved: PathBuf,
+        bundle: PathBuf,
+    },
 }
 
 pub struct Bundle {
     /// Absolute path of the bundle directory.
     pub path: PathBuf,
     pub spec: Spec,
-    /// Absolute path of the root filesystem.
+    /// Absolute path of the root filesystem, every symlink resolved.
     pub rootfs: PathBuf,
 }
 
@@ -79,17 +87,7 @@ impl Bundle {
             source,
         })?;
         let root = spec.root().as_ref().ok_or(BundleError::NoRoot)?;
-        let rootfs = path.join(root.path());
-        let meta = std::fs::metadata(&rootfs).map_err(|source| BundleError::Rootfs {
-            path: rootfs.clone(),
-            source,
-        })?;
-        if !meta.is_dir() {
-            return Err(BundleError::Rootfs {
-                path: rootfs,
-                source: std::io::Error::from(std::io::ErrorKind::NotADirectory),
-            });
-        }
+        let rootfs = rootfs(&path, root.path())?;
         Ok(Bundle { path, spec, rootfs })
     }
 
@@ -104,6 +102,35 @@ impl Bundle {
     pub fn terminal(&self) -> bool {
         self.spec.process().as_ref().and_then(|p| p.terminal()) == Some(true)
     }
+}
+
+/// The root filesystem `root` names in the bundle at `bundle` (canonical), resolved. As with
+/// runc, an absolute path may be anywhere (engines give their own overlay mounts); a relative
+/// one must stay inside the bundle, whether it leaves by `..` or through a symlink.
+fn rootfs(bundle: &Path, root: &Path) -> Result<PathBuf, BundleError> {
+    let joined = bundle.join(root);
+    let resolved = std::fs::canonicalize(&joined).map_err(|source| BundleError::Rootfs {
+        path: joined.clone(),
+        source,
+    })?;
+    if root.is_relative() && !resolved.starts_with(bundle) {
+        return Err(BundleError::RootOutside {
+            root: root.to_owned(),
+            resolved,
+            bundle: bundle.to_owned(),
+        });
+    }
+    let meta = std::fs::metadata(&resolved).map_err(|source| BundleError::Rootfs {
+        path: joined.clone(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(BundleError::Rootfs {
+            path: joined,
+            source: std::io::Error::from(std::io::ErrorKind::NotADirectory),
+        });
+    }
+    Ok(resolved)
 }
 
 /// The VM's size for a spec: vCPUs from the CPU quota (rounded up, at least 1), memory from the
@@ -194,6 +221,37 @@ mod tests {
             Bundle::load(&dir.0).unwrap().require_process(),
             Err(BundleError::NoProcess)
         ));
+    }
+
+    #[test]
+    fn a_relative_root_must_stay_in_the_bundle() {
+        let with_root =
+            |root: &str| GOOD.replace(r#""path":"rootfs""#, &format!(r#""path":{root:?}"#));
+        let outside = bundle(None, true);
+        let escape = format!(
+            "../{}/rootfs",
+            outside.0.file_name().unwrap().to_str().unwrap()
+        );
+        let dir = bundle(Some(&with_root(&escape)), true);
+        let error = Bundle::load(&dir.0).err().unwrap();
+        assert!(matches!(error, BundleError::RootOutside { .. }), "{error}");
+        assert!(error.to_string().contains(&escape), "{error}");
+        let dir = bundle(Some(&with_root("link")), true);
+        std::os::unix::fs::symlink(outside.0.join("rootfs"), dir.0.join("link")).unwrap();
+        let error = Bundle::load(&dir.0).err().unwrap();
+        assert!(matches!(error, BundleError::RootOutside { .. }), "{error}");
+        // Inside, however it is spelled, and anywhere when absolute (engines' overlays).
+        let dir = bundle(Some(&with_root("x/../rootfs")), true);
+        std::fs::create_dir_all(dir.0.join("x")).unwrap();
+        let b = Bundle::load(&dir.0).unwrap();
+        assert_eq!(
+            b.rootfs,
+            std::fs::canonicalize(dir.0.join("rootfs")).unwrap()
+        );
+        let absolute = outside.0.join("rootfs");
+        let dir = bundle(Some(&with_root(absolute.to_str().unwrap())), false);
+        let b = Bundle::load(&dir.0).unwrap();
+        assert_eq!(b.rootfs, std::fs::canonicalize(&absolute).unwrap());
     }
 
     #[test]

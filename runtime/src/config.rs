@@ -41,6 +41,12 @@ pub struct Config {
     pub templates: bool,
     /// Where templates are kept, shared by all containers.
     pub template_dir: PathBuf,
+    /// Jail the VMM's threads (seccomp allowlists, no capabilities, not dumpable; see
+    /// docs/security.md). Off only to debug a filter.
+    pub seccomp: bool,
+    /// At most this many MiB of host files (bind mounts' sources) are copied into a
+    /// container's image; a create that would copy more fails, naming the mount.
+    pub host_files_max_mib: u64,
 }
 
 /// `../lib/cocoon` relative to the running binary.
@@ -64,6 +70,8 @@ impl Default for Config {
             boot_timeout_secs: 180,
             templates: true,
             template_dir: PathBuf::from("/var/lib/cocoon/templates"),
+            seccomp: true,
+            host_files_max_mib: 1024,
         }
     }
 }

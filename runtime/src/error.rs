@@ -64,8 +64,15 @@ pub enum Error {
     },
     #[error("corrupt {path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("{0} image layers: cocoon supports up to {max}", max = crate::launch::MAX_LAYERS)]
-    TooManyLayers(usize),
+    #[error(
+        "the root filesystem needs {layers} disk images{} but a microVM has {slots} disk slots",
+        if *host_files { " and one more for the host files" } else { "" }
+    )]
+    TooManyLayers {
+        layers: usize,
+        host_files: bool,
+        slots: usize,
+    },
     #[error("the process has a terminal: --console-socket is required")]
     ConsoleSocketRequired,
     #[error("container not running")]

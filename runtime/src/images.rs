@@ -5,6 +5,9 @@
 //! directory's identity, and only the upper layer is imaged per container. Otherwise the
 //! directory becomes one image. Images are written under a temporary name and renamed into
 //! place, so a crashed or concurrent build never leaves a half-written entry behind.
+//!
+//! An image holds every file of its layer, so images are 0600 and the cache directory 0700:
+//! only root reads them, as only root reads the layers the engine unpacked.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +25,22 @@ pub enum ImageError {
     },
     #[error("mkfs.erofs failed for {dir}: {message}")]
     Mkfs { dir: PathBuf, message: String },
+    #[error(
+        "mount {destination}: {path} is a {kind}: only files and directories can be copied into the microVM"
+    )]
+    HostFileKind {
+        destination: PathBuf,
+        path: PathBuf,
+        kind: &'static str,
+    },
+    #[error(
+        "mount {destination}: copying {path} takes the host files past {limit_mib} MiB (host_files_max_mib in the configuration)"
+    )]
+    HostFilesTooLarge {
+        destination: PathBuf,
+        path: PathBuf,
+        limit_mib: u64,
+    },
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImageError {
@@ -100,24 +119,39 @@ pub fn find_overlay(mountinfo: &str, dir: &Path) -> Option<Overlay> {
     (!lower.is_empty()).then_some(Overlay { lower, upper })
 }
 
-/// Builds `dir` into an EROFS image at `image`, via a temporary file and a rename.
+/// Builds `dir` into an EROFS image at `image` (0600), via a temporary file and a rename.
 pub fn build_image(dir: &Path, image: &Path) -> Result<(), ImageError> {
-    let tmp = image.with_extension(format!("tmp.{}", std::process::id()));
+    let tmp = crate::state::temp_path(image);
+    // Made here, 0600 and with O_EXCL, so that mkfs.erofs writes into our file and not
+    // through anything planted at the name; it keeps an existing file's mode.
+    let file = crate::state::create_new_file(&tmp, 0o600).map_err(io("create", &tmp))?;
+    let built = run_mkfs(dir, &tmp)
+        .and_then(|()| file.sync_all().map_err(io("write", &tmp)))
+        .and_then(|()| std::fs::rename(&tmp, image).map_err(io("rename", image)));
+    if built.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    built?;
+    crate::state::sync_parent(image).map_err(io("sync the directory of", image))
+}
+
+fn run_mkfs(dir: &Path, image: &Path) -> Result<(), ImageError> {
     let output = Command::new("mkfs.erofs")
         .arg("--quiet")
         .arg("-T0")
-        .arg(&tmp)
+        // Paths are never options, whatever they start with.
+        .arg("--")
+        .arg(image)
         .arg(dir)
         .output()
         .map_err(io("run mkfs.erofs for", dir))?;
     if !output.status.success() {
-        let _ = std::fs::remove_file(&tmp);
         return Err(ImageError::Mkfs {
             dir: dir.to_owned(),
             message: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         });
     }
-    std::fs::rename(&tmp, image).map_err(io("rename", image))
+    Ok(())
 }
 
 /// Builds each `(dir, image)` pair, several at a time: mkfs.erofs of a big layer is bound by
@@ -170,16 +204,37 @@ fn is_empty_dir(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none())
 }
 
+/// The overlay mounted at `rootfs`, if it is one.
+fn overlay_at(rootfs: &Path) -> Option<Overlay> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    find_overlay(&mountinfo, rootfs)
+}
+
+/// How many images [`images_for`] makes of `overlay` (`None`: a plain directory).
+fn count(overlay: Option<&Overlay>) -> usize {
+    match overlay {
+        None => 1,
+        Some(overlay) => {
+            overlay.lower.len()
+                + usize::from(overlay.upper.as_deref().is_some_and(|u| !is_empty_dir(u)))
+        }
+    }
+}
+
+/// How many images `rootfs` needs, each a disk of the VM, found without building any.
+pub fn image_count(rootfs: &Path) -> usize {
+    count(overlay_at(rootfs).as_ref())
+}
+
 /// The images for `rootfs`, lowest first: cached layer images plus the upper layer's image
 /// when the rootfs is an overlay, else one image of the directory at `own_dir/rootfs.erofs`.
 pub fn images_for(rootfs: &Path, cache: &Path, own_dir: &Path) -> Result<Vec<Layer>, ImageError> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let Some(overlay) = find_overlay(&mountinfo, rootfs) else {
+    let Some(overlay) = overlay_at(rootfs) else {
         let image = own_dir.join("rootfs.erofs");
         build_image(rootfs, &image)?;
         return Ok(vec![Layer { image, owned: true }]);
     };
-    std::fs::create_dir_all(cache).map_err(io("create", cache))?;
+    crate::state::private_shared_dir(cache).map_err(io("create", cache))?;
     let mut layers = Vec::new();
     let mut missing = Vec::new();
     for lower in &overlay.lower {
@@ -239,6 +294,45 @@ mod tests {
         assert_eq!(overlay.lower, [PathBuf::from("/l a")]);
         assert_eq!(find_overlay(MOUNTINFO, Path::new("/")), None);
         assert_eq!(find_overlay(MOUNTINFO, Path::new("/elsewhere")), None);
+    }
+
+    #[test]
+    fn images_are_counted_before_any_is_built() {
+        let dir = std::env::temp_dir().join(format!("cocoon-count-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("upper")).unwrap();
+        let overlay = |upper: bool| Overlay {
+            lower: vec!["/l1".into(), "/l2".into(), "/l3".into()],
+            upper: upper.then(|| dir.join("upper")),
+        };
+        assert_eq!(count(None), 1);
+        assert_eq!(count(Some(&overlay(false))), 3);
+        // An empty upper layer needs no image; one with a file does.
+        assert_eq!(count(Some(&overlay(true))), 3);
+        std::fs::write(dir.join("upper/f"), "x").unwrap();
+        assert_eq!(count(Some(&overlay(true))), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn images_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        if Command::new("mkfs.erofs").arg("--help").output().is_err() {
+            eprintln!("SKIPPED: no mkfs.erofs");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("cocoon-image-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("tree")).unwrap();
+        std::fs::write(dir.join("tree/f"), "x").unwrap();
+        let image = dir.join("out.erofs");
+        build_image(&dir.join("tree"), &image).unwrap();
+        let mode = std::fs::metadata(&image).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -16,8 +16,23 @@ use crate::{hooks, images};
 
 pub const LAUNCH_FILE: &str = "launch.json";
 
-/// More layers than this would not fit the VM's disk slots.
-pub const MAX_LAYERS: usize = 20;
+/// The disks a container's VM can have: its layers' images and the host files' image. The
+/// template for containers with many layers has this many slots (every virtio device but the
+/// vsock's and one NIC's), and a cold-booted VM has room for as many.
+pub const MAX_DISKS: usize = crate::template::MAX_SLOTS;
+
+/// Refuses, at `create`, a container whose images would not fit the VM's disk slots: the VM
+/// itself would only fail later, while it is being made.
+fn check_disks(layers: usize, host_files: bool) -> Result<(), Error> {
+    if layers + usize::from(host_files) > MAX_DISKS {
+        return Err(Error::TooManyLayers {
+            layers,
+            host_files,
+            slots: MAX_DISKS,
+        });
+    }
+    Ok(())
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Launch {
@@ -31,6 +46,9 @@ pub struct Launch {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub boot_timeout_secs: u64,
+    /// The config's `seccomp` when the container was created.
+    #[serde(default = "jailed")]
+    pub seccomp: bool,
     /// From a template or cold, and why.
     pub start: StartPlan,
 }
@@ -39,9 +57,21 @@ pub struct Launch {
 /// from a template.
 pub const TEMPLATE_ANNOTATION: &str = "io.cocoon.template";
 
+fn jailed() -> bool {
+    true
+}
+
 impl Launch {
     pub fn read(dir: &Path) -> Result<Launch, Error> {
         crate::state::read_json(&dir.join(LAUNCH_FILE))
+    }
+
+    /// Reads the record of the container whose VM this process is to run, and takes its jail
+    /// policy for that VM.
+    pub fn read_for_vm(dir: &Path) -> Result<Launch, Error> {
+        let launch = Launch::read(dir)?;
+        cocoon_vmm::jail::set_seccomp(launch.seccomp);
+        Ok(launch)
     }
 
     fn write(&self, dir: &ContainerDir) -> Result<(), Error> {
@@ -106,13 +136,18 @@ fn settle(
     request: &CreateRequest,
 ) -> Result<Launch, Error> {
     let console_socket = request.console_socket;
-    let layers = images::images_for(&bundle.rootfs, &config.layer_cache, &dir.path)?;
-    if layers.len() > MAX_LAYERS {
-        return Err(Error::TooManyLayers(layers.len()));
-    }
+    // Counted before any image is built: too many is a quick error, not minutes of mkfs.
+    let layer_count = images::image_count(&bundle.rootfs);
+    check_disks(layer_count, false)?;
     let mut spec = bundle.spec.clone();
     let staging = dir.file("host");
-    let host_files = if crate::host_files::stage(&mut spec, &dir.id, &staging)? {
+    let limit = config.host_files_max_mib.saturating_mul(1 << 20);
+    let staged = crate::host_files::stage(&mut spec, &dir.id, &staging, limit)?;
+    check_disks(layer_count, staged)?;
+    let layers = images::images_for(&bundle.rootfs, &config.layer_cache, &dir.path)?;
+    // Again: an empty upper layer may have gained its first file meanwhile.
+    check_disks(layers.len(), staged)?;
+    let host_files = if staged {
         let image = dir.file("host.erofs");
         images::build_image(&staging, &image)?;
         let _ = std::fs::remove_dir_all(&staging);
@@ -131,6 +166,7 @@ fn settle(
         kernel: config.kernel.clone(),
         initrd: config.initrd.clone(),
         boot_timeout_secs: config.boot_timeout_secs,
+        seccomp: config.seccomp,
         start: start_plan(&bundle.spec, config, request.no_template),
     })
 }
@@ -191,6 +227,25 @@ mod tests {
             ));
         }
         spec
+    }
+
+    #[test]
+    fn too_many_layers_are_refused_naming_both_numbers() {
+        check_disks(MAX_DISKS, false).unwrap();
+        check_disks(MAX_DISKS - 1, true).unwrap();
+        let error = check_disks(MAX_DISKS + 1, false).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!("{} disk images", MAX_DISKS + 1))
+                && error.contains(&format!("{MAX_DISKS} disk slots")),
+            "{error}"
+        );
+        let error = check_disks(MAX_DISKS, true).unwrap_err().to_string();
+        assert!(error.contains("one more for the host files"), "{error}");
+        // What the VMM itself would take: every disk with the vsock device and one NIC.
+        assert_eq!(
+            MAX_DISKS + 2,
+            cocoon_vmm::arch::x86_64::layout::VIRTIO_MAX_DEVICES
+        );
     }
 
     #[test]

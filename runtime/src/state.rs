@@ -1,11 +1,16 @@
 //! The runtime's record of a container: one directory per container under `--root`, holding
 //! `state.json`, the VMM's vsock socket, the container's own images and, once it has exited,
 //! `exit.json`. Verbs that change a container hold an exclusive lock on the directory.
+//!
+//! The records hold the spec, and with it whatever secrets its environment carries: the
+//! runtime's directories are made 0700 and its files 0600, whatever the umask, and no path
+//! here follows a symlink someone planted at its last component.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{ContainerState, Hooks, State};
@@ -113,13 +118,15 @@ pub struct ContainerDir {
     lock: File,
 }
 
-/// Opens (creating) `path` and takes an exclusive lock on it, waiting for other holders; the
-/// lock goes with the returned file.
+/// Opens (creating, 0600) `path` and takes an exclusive lock on it, waiting for other holders;
+/// the lock goes with the returned file.
 pub fn lock_file(path: &Path) -> Result<File, Error> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(Error::io("open", path))?;
     // SAFETY: flock on an fd we own; blocks until the holder releases it.
@@ -129,8 +136,20 @@ pub fn lock_file(path: &Path) -> Result<File, Error> {
     Ok(file)
 }
 
+/// Opens a directory of ours: a symlink in its place is an error, not followed.
+fn open_dir(dir: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+}
+
 fn lock(dir: &Path) -> Result<File, Error> {
-    let file = File::open(dir).map_err(Error::io("open", dir))?;
+    let file = open_dir(dir).map_err(Error::io("open", dir))?;
+    flock(file, dir)
+}
+
+fn flock(file: File, dir: &Path) -> Result<File, Error> {
     // SAFETY: flock on an fd we own; blocks until other verbs on this container finish.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(Error::io("lock", dir)(std::io::Error::last_os_error()));
@@ -142,16 +161,23 @@ impl ContainerDir {
     /// Creates the directory of a new container; an existing one is a duplicate id.
     pub fn create(root: &Path, id: &str) -> Result<ContainerDir, Error> {
         check_id(id)?;
-        std::fs::create_dir_all(root).map_err(Error::io("create", root))?;
+        create_private_dir_all(root).map_err(Error::io("create", root))?;
         let path = root.join(id);
-        match std::fs::create_dir(&path) {
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(Error::Exists(id.into()));
             }
             Err(e) => return Err(Error::io("create", &path)(e)),
         }
-        let lock = lock(&path)?;
+        // 0700 exactly, whatever the umask: set on the directory we opened, not by path.
+        let file = open_dir(&path)
+            .and_then(|file| {
+                file.set_permissions(std::fs::Permissions::from_mode(0o700))?;
+                Ok(file)
+            })
+            .map_err(Error::io("create", &path))?;
+        let lock = flock(file, &path)?;
         Ok(ContainerDir {
             path,
             id: id.to_owned(),
@@ -163,7 +189,7 @@ impl ContainerDir {
     pub fn open(root: &Path, id: &str) -> Result<ContainerDir, Error> {
         check_id(id)?;
         let path = root.join(id);
-        if !path.is_dir() {
+        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
             return Err(Error::NotExist(id.into()));
         }
         let lock = lock(&path)?;
@@ -224,22 +250,125 @@ pub fn read_record(dir: &Path) -> Result<Record, Error> {
 
 /// One of the runtime's JSON files; unreadable or malformed is an error naming it.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
-    let text = std::fs::read(path).map_err(Error::io("read", path))?;
+    let text = read_file(path).map_err(Error::io("read", path))?;
     serde_json::from_slice(&text).map_err(|e| Error::Corrupt {
         path: path.to_owned(),
         reason: e.to_string(),
     })
 }
 
+/// Reads one of the runtime's files; a symlink in its place is an error, not followed.
+pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let mut text = Vec::new();
+    file.read_to_end(&mut text)?;
+    Ok(text)
+}
+
+/// `mkdir -p` whose new directories are 0700 (whatever the umask: each is set after it is
+/// made); existing ones are left as they are.
+pub fn create_private_dir_all(path: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_private_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {
+            let dir = open_dir(path)?;
+            dir.set_permissions(std::fs::Permissions::from_mode(0o700))
+        }
+        // Made meanwhile by another process (or a symlink to a directory: the caller's path).
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A directory the runtime shares between containers (the layer cache, the templates), made
+/// 0700; one an older cocoon made with the umask's mode is closed to others too, so that
+/// nothing in it is readable by them.
+pub fn private_shared_dir(path: &Path) -> std::io::Result<()> {
+    create_private_dir_all(path)?;
+    if std::fs::metadata(path)?.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// A temporary name beside `path` that no other writer uses: `NAME.tmp.PID.RANDOM`.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let mut random = [0u8; 8];
+    // SAFETY: getrandom fills the buffer it is given, at most its length.
+    let filled = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+    if filled != random.len() as isize {
+        // Unique enough with the pid: the file is created with O_EXCL anyway.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        random = nanos.to_le_bytes();
+    }
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(
+        ".tmp.{}.{:016x}",
+        std::process::id(),
+        u64::from_le_bytes(random)
+    ));
+    path.with_file_name(name)
+}
+
+/// Creates `path`, which must not exist (a symlink there is not followed), with `mode`
+/// exactly, whatever the umask.
+pub fn create_new_file(path: &Path, mode: u32) -> std::io::Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    Ok(file)
+}
+
+/// Syncs the directory holding `path`, so that a rename into it survives a crash.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}
+
+/// Writes one of the runtime's files (mode 0600) atomically: a reader sees the old one or the
+/// new one, even after a crash. See [`write_atomically_mode`].
 pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), Error> {
-    let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(Error::io("create", &tmp))?;
-    file.write_all(contents).map_err(Error::io("write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(Error::io("rename", path))
+    write_atomically_mode(path, contents, 0o600)
+}
+
+/// Writes `path` through a temporary file of its own ([`temp_path`], created with O_EXCL and
+/// O_NOFOLLOW, so nothing planted there is followed), synced before it is renamed over `path`
+/// (a rename replaces a symlink at `path`, never follows it), and the directory synced after.
+pub fn write_atomically_mode(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
+    let tmp = temp_path(path);
+    let mut file = create_new_file(&tmp, mode).map_err(Error::io("create", &tmp))?;
+    let written = file
+        .write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(Error::io("write", &tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(Error::io("rename", path)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    sync_parent(path).map_err(Error::io("sync the directory of", path))
 }
 
 pub fn read_exit(dir: &Path) -> Option<ExitStatus> {
-    let text = std::fs::read(dir.join(EXIT_FILE)).ok()?;
+    let text = read_file(&dir.join(EXIT_FILE)).ok()?;
     serde_json::from_slice(&text).ok()
 }
 
@@ -408,6 +537,90 @@ mod tests {
         assert!(!lockable(&dir.path));
         dir.remove().unwrap();
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn directories_and_files_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("cocoon-private-{}", std::process::id()));
+        let root = base.join("a/root");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        // SAFETY: umask(2) only swaps the process's mask; the old one is put back below.
+        let old = unsafe { libc::umask(0) };
+        let dir = ContainerDir::create(&root, "c1").unwrap();
+        dir.write(&record(&[])).unwrap();
+        write_atomically(&dir.file("other.json"), b"{}").unwrap();
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        for made in [&base.join("a"), &root, &dir.path] {
+            assert_eq!(mode(made), 0o700, "{}", made.display());
+        }
+        assert_eq!(mode(&dir.file(STATE_FILE)), 0o600);
+        assert_eq!(mode(&dir.file("other.json")), 0o600);
+        assert_eq!(dir.read().unwrap().id, "c1");
+        // Nothing but the files themselves: no temporary file stays behind.
+        let mut names: Vec<String> = std::fs::read_dir(&dir.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["other.json", "state.json"]);
+        // A shared directory an older version left open is closed.
+        let shared = base.join("cache");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_shared_dir(&shared).unwrap();
+        assert_eq!(mode(&shared), 0o700);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn symlinks_planted_at_state_paths_are_not_followed() {
+        let base = std::env::temp_dir().join(format!("cocoon-planted-{}", std::process::id()));
+        let root = base.join("root");
+        let dir = ContainerDir::create(&root, "c1").unwrap();
+        let victim = base.join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.file(STATE_FILE)).unwrap();
+        assert!(matches!(dir.read(), Err(Error::Io { .. })));
+        assert!(read_exit(&dir.path).is_none());
+        dir.write(&record(&[])).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(
+            std::fs::symlink_metadata(dir.file(STATE_FILE))
+                .unwrap()
+                .is_file()
+        );
+        // Temporary names are never guessable in advance, and never opened if they exist.
+        let path = dir.file("launch.json");
+        let (a, b) = (temp_path(&path), temp_path(&path));
+        assert_ne!(a, b);
+        let name = a.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(&format!("launch.json.tmp.{}.", std::process::id())),
+            "{name}"
+        );
+        std::os::unix::fs::symlink(base.join("planted"), &a).unwrap();
+        assert!(create_new_file(&a, 0o600).is_err());
+        assert!(!base.join("planted").exists());
+        let lock = dir.file("x.lock");
+        std::os::unix::fs::symlink(&victim, &lock).unwrap();
+        assert!(lock_file(&lock).is_err());
+        // A container directory that is a symlink is no container.
+        let elsewhere = base.join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(
+            elsewhere.join(STATE_FILE),
+            serde_json::to_vec(&record(&[])).unwrap(),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&elsewhere, root.join("c2")).unwrap();
+        assert!(matches!(
+            ContainerDir::open(&root, "c2"),
+            Err(Error::NotExist(_))
+        ));
+        drop(dir);
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -275,7 +275,7 @@ impl Templates {
     }
 
     fn lock(&self, name: &str) -> Result<File, Error> {
-        std::fs::create_dir_all(&self.dir).map_err(Error::io("create", &self.dir))?;
+        crate::state::private_shared_dir(&self.dir).map_err(Error::io("create", &self.dir))?;
         lock_file(&self.lock_path(name))
     }
 

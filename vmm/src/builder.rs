@@ -105,6 +105,8 @@ pub enum BuildError {
     Serial(#[from] crate::devices::legacy::persist::SerialRestoreError),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {

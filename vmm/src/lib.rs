@@ -13,6 +13,7 @@ pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod host;
+pub mod jail;
 pub mod lifecycle;
 pub mod metrics;
 pub mod snapshot;

@@ -87,6 +87,10 @@ struct Cli {
     /// Log level for the VMM's own messages on stderr (error, warn, info, debug, trace).
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: tracing::Level,
+    /// Run the VM's threads without the seccomp allowlist, capability drop and non-dumpable
+    /// process (for debugging a filter; the jail is on by default, see docs/security.md).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
         .with_max_level(cli.log_level)
         .with_target(false)
         .init();
+    cocoon_vmm::jail::set_seccomp(!cli.no_seccomp);
 
     let how = match &cli.restore {
         Some(dir) => How::Restore(restore_config(dir, &cli)),

@@ -27,6 +27,7 @@ use crate::bus::lock;
 use crate::config::{DiskConfig, TapSource, VmConfig};
 use crate::devices::registry::Devices;
 use crate::event_loop::EventLoop;
+use crate::jail::{self, Jail, JailError, Role};
 use crate::lifecycle::{ExitReason, Lifecycle};
 use crate::snapshot::{self, RestoreConfig, SnapshotError, VmSnapshot};
 use crate::vcpu::persist::VcpuPersistError;
@@ -140,6 +141,17 @@ impl Drop for Threads {
     }
 }
 
+/// Waits for a thread just started to report its jail.
+fn wait_jailed(in_jail: &Receiver<Result<(), JailError>>) -> Result<(), BuildError> {
+    match in_jail.recv() {
+        Ok(entered) => Ok(entered?),
+        // It died before it could say: a panic, already reported on stderr.
+        Err(_) => Err(BuildError::Thread(std::io::Error::other(
+            "a VM thread ended before it was jailed",
+        ))),
+    }
+}
+
 /// One microVM. `Send + Sync`: share it in an `Arc`.
 pub struct Vm {
     vcpus: Vec<VcpuSlot>,
@@ -180,6 +192,8 @@ impl Vm {
 
     pub(crate) fn start(parts: Parts) -> Result<Vm, BuildError> {
         kick::install_handler().map_err(BuildError::Signal)?;
+        let jail = Jail::new()?;
+        jail::harden_process(&parts.guest_mappings);
         let mut threads = Threads {
             vcpus: Vec::with_capacity(parts.vcpus.len()),
             devices: None,
@@ -187,6 +201,7 @@ impl Vm {
         // On an error, dropping `threads` stops and joins what was started.
         Self::spawn_threads(
             &mut threads,
+            &jail,
             parts.vcpus,
             parts.event_loop,
             parts.device_stop,
@@ -204,9 +219,16 @@ impl Vm {
         let supervisor = {
             let ending = ending.clone();
             let ended = parts.ended;
-            std::thread::Builder::new()
+            let (jailed, in_jail) = std::sync::mpsc::channel();
+            let jail = jail.clone();
+            let thread = std::thread::Builder::new()
                 .name("cocoon-vm".into())
                 .spawn(move || {
+                    let failed = !jail.enter_reporting(Role::Devices, &jailed);
+                    if failed {
+                        // `threads` is dropped with the closure: the others are stopped.
+                        return;
+                    }
                     // Every sender lives in the Lifecycle, which the vCPU threads and the
                     // handle hold: the channel cannot close while anyone could still report.
                     let reason = ended.recv().unwrap_or(ExitReason::VcpuFailed {
@@ -221,9 +243,11 @@ impl Vm {
                         lock(transport).vm_ended();
                     }
                 })
+                // A closure that never ran is dropped, and `threads` with it.
+                .map_err(BuildError::Thread)?;
+            wait_jailed(&in_jail)?;
+            thread
         };
-        // A closure that never ran is dropped, and `threads` with it.
-        let supervisor = supervisor.map_err(BuildError::Thread)?;
         Ok(Vm {
             vcpus,
             running: AtomicBool::new(false),
@@ -240,31 +264,52 @@ impl Vm {
         })
     }
 
+    /// Each thread jails itself before it serves anything and says so; a thread that cannot
+    /// fails the build (and `threads`, dropped by the caller, stops the ones started).
     fn spawn_threads(
         threads: &mut Threads,
+        jail: &Jail,
         vcpus: Vec<Vcpu>,
         event_loop: EventLoop,
         device_stop: EventFd,
     ) -> Result<(), BuildError> {
+        let (jailed, in_jail) = std::sync::mpsc::channel();
         if !event_loop.is_empty() {
+            let (jail, jailed) = (jail.clone(), jailed.clone());
             let thread = std::thread::Builder::new()
                 .name("cocoon-devices".into())
-                .spawn(move || event_loop.run())
+                .spawn(move || {
+                    let failed = !jail.enter_reporting(Role::Devices, &jailed);
+                    if !failed {
+                        event_loop.run();
+                    }
+                })
                 .map_err(BuildError::Thread)?;
             threads.devices = Some((device_stop, thread));
+            wait_jailed(&in_jail)?;
         }
         for vcpu in vcpus {
             let control = Arc::new(VcpuControl::new());
             let theirs = control.clone();
+            let (jail, jailed) = (jail.clone(), jailed.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("cocoon-vcpu{}", vcpu.id))
-                .spawn(move || vcpu.run(theirs))
+                .spawn(move || {
+                    let failed = !jail.enter_reporting(Role::Vcpu, &jailed);
+                    if failed {
+                        // What `run` would say on leaving; the stopping host waits for it.
+                        theirs.exited();
+                    } else {
+                        vcpu.run(theirs);
+                    }
+                })
                 .map_err(BuildError::Thread)?;
             let slot = VcpuSlot {
                 control,
                 thread: thread.as_pthread_t(),
             };
             threads.vcpus.push((slot, thread));
+            wait_jailed(&in_jail)?;
         }
         Ok(())
     }

@@ -356,7 +356,7 @@ fn init_body(
     gate.ready();
     process::apply(sys, process, privileges).map_err(|e| e.to_string())?;
     let errno = process::exec(&executable, process);
-    Err(format!("exec {}: {errno}", executable.display()))
+    Err(process::exec_error(&executable, errno))
 }
 
 fn exec_body(
@@ -369,7 +369,7 @@ fn exec_body(
     gate.ready();
     process::apply(sys, process, privileges).map_err(|e| e.to_string())?;
     let errno = process::exec(&executable, process);
-    Err(format!("exec {}: {errno}", executable.display()))
+    Err(process::exec_error(&executable, errno))
 }
 
 const NAMESPACE_KINDS: [(&str, libc::c_int); 7] = [
@@ -517,7 +517,12 @@ impl Containers {
             |gate| exec_body(&sys, process, &privileges, gate),
         )?;
         let pid = spawned.pid;
-        spawned.start().ok();
+        // An execve that fails is the exec's error, as runc's exec reports it, not only the
+        // 127 the process then exits with (no one else waits for it: reaped here).
+        if let Err(e) = spawned.exec_result() {
+            reaper().wait(pid);
+            return Err(e);
+        }
         host.start_relays();
         let record = ProcessRecord::new(pid, host);
         record.watch(container.cgroup.path.clone(), oom_before);

@@ -180,6 +180,11 @@ pub fn apply(
     Ok(())
 }
 
+/// An exec that failed, worded as runc words it: `exec /bin/x: permission denied`.
+pub fn exec_error(path: &Path, errno: Errno) -> String {
+    format!("exec {}: {}", path.display(), errno.go_text())
+}
+
 /// Execs `path` with the process's args and env; returns only on failure.
 pub fn exec(path: &Path, process: &Process) -> Errno {
     let to_c = |s: &str| CString::new(s).map_err(|_| Errno(libc::EINVAL));
@@ -230,6 +235,23 @@ mod tests {
 
     fn process(json: &str) -> Process {
         serde_json::from_str(json).expect("test process parses")
+    }
+
+    #[test]
+    fn exec_errors_read_as_runc_s() {
+        let bad = Path::new("/tmp/bad");
+        assert_eq!(
+            exec_error(bad, Errno(libc::ENOENT)),
+            "exec /tmp/bad: no such file or directory"
+        );
+        assert_eq!(
+            exec_error(bad, Errno(libc::EACCES)),
+            "exec /tmp/bad: permission denied"
+        );
+        assert_eq!(
+            exec_error(bad, Errno(libc::ENOEXEC)),
+            "exec /tmp/bad: exec format error"
+        );
     }
 
     /// runc's and Podman's default set: CHOWN, DAC_OVERRIDE, FSETID, FOWNER, MKNOD, NET_RAW,

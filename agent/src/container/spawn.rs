@@ -113,6 +113,12 @@ impl Spawned {
         self.start
             .write_all(&[1])
             .map_err(|e| failed("signal the container to start", e))?;
+        self.exec_result()
+    }
+
+    /// For a process that does not wait for start (an exec'd one): returns once it has exec'd,
+    /// or with why it could not (the execve error, say), after which it exits with 127.
+    pub fn exec_result(mut self) -> Result<(), AgentError> {
         match read_frame::<_, Report>(&mut self.report) {
             Err(FrameError::Closed) => Ok(()),
             Ok(Report::Failed(message)) => Err(AgentError::new(ErrorKind::Failed, message)),
@@ -516,4 +522,70 @@ fn helper_main(child: &Child, body: impl FnOnce(&Gate) -> Result<Infallible, Str
         return 0;
     }
     become_container_process(child.stdio, gate, child.ignored, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn null_stdio() -> ChildStdio {
+        let null = || OwnedFd::from(File::options().write(true).open("/dev/null").unwrap());
+        ChildStdio {
+            fds: [null(), null(), null()],
+            console: None,
+        }
+    }
+
+    /// Spawns `body` as an exec'd process would be (no namespaces, no start gate); returns
+    /// what `exec_result` said and the process's exit status.
+    fn exec_like(
+        body: impl FnOnce(&Gate) -> Result<Infallible, String>,
+    ) -> (Result<(), AgentError>, i32) {
+        let procs = std::env::temp_dir().join(format!(
+            "cocoon-spawn-procs-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&procs, "").unwrap();
+        let namespaces = Namespaces::New {
+            clone_flags: 0,
+            id_maps: None,
+        };
+        let spawned = spawn(namespaces, &procs, null_stdio(), false, body).unwrap();
+        let pid = spawned.pid;
+        let result = spawned.exec_result();
+        let mut status = 0;
+        // SAFETY: waitpid on our own child, with a valid out-parameter.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        let _ = std::fs::remove_file(&procs);
+        (result, status)
+    }
+
+    #[test]
+    fn an_exec_that_fails_after_ready_reports_why() {
+        let (result, status) = exec_like(|gate| {
+            gate.ready();
+            Err("exec /tmp/bad: no such file or directory".into())
+        });
+        let error = result.unwrap_err();
+        assert_eq!(error.message, "exec /tmp/bad: no such file or directory");
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 127);
+    }
+
+    #[test]
+    fn an_exec_that_succeeds_is_ok() {
+        let (result, status) = exec_like(|gate| {
+            gate.ready();
+            let path = c"/bin/true";
+            let argv = [path.as_ptr(), std::ptr::null()];
+            // SAFETY: a NUL-terminated path and a NULL-terminated argv that outlive the call.
+            unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
+            Err(format!(
+                "exec /bin/true: {}",
+                std::io::Error::last_os_error()
+            ))
+        });
+        result.unwrap();
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    }
 }

@@ -21,6 +21,20 @@ impl Errno {
     }
 }
 
+impl Errno {
+    /// The error as Go (and so runc) words it: strerror's text, in lower case, without the
+    /// number ("no such file or directory").
+    pub fn go_text(&self) -> String {
+        let text = std::io::Error::from_raw_os_error(self.0).to_string();
+        let text = text.split(" (os error").next().unwrap_or_default();
+        let mut chars = text.chars();
+        chars
+            .next()
+            .map(|first| first.to_lowercase().chain(chars).collect())
+            .unwrap_or_default()
+    }
+}
+
 impl std::fmt::Display for Errno {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", std::io::Error::from_raw_os_error(self.0))

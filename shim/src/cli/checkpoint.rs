@@ -38,9 +38,10 @@ pub fn restore(global: &Global, args: &RestoreArgs) -> Result<(), CliError> {
     cocoon_runtime::checkpoint::read(&image)?;
     let (dir, bundle) = prepare(global, &args.create)?;
     let id = dir.id.clone();
-    let image_arg = image.to_string_lossy().into_owned();
+    let mut restore_from = std::ffi::OsString::from("--restore-from=");
+    restore_from.push(&image);
     if args.detach {
-        let pid = match spawn_monitor(global, &["monitor", "--restore-from", &image_arg, &id]) {
+        let pid = match spawn_monitor(global, "monitor", &[restore_from], &[&id]) {
             Ok(pid) => pid,
             Err(e) => {
                 let _ = dir.remove();

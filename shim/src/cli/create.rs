@@ -1,6 +1,7 @@
 //! `cocoon create`: boot the container's microVM and prepare its process, stopped before exec.
 //! The process that runs the VM (the monitor) is what `--pid-file` names.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::CommandExt;
@@ -16,7 +17,7 @@ use super::{CreateArgs, Global};
 use crate::error::CliError;
 use crate::hooks::{self, Stage};
 use crate::monitor::{REPORT_FD, read_report};
-use crate::state::{ContainerDir, Record, write_atomically};
+use crate::state::{ContainerDir, Record, write_atomically_mode};
 
 /// Everything before the monitor starts (see `launch::prepare`).
 pub fn prepare(global: &Global, args: &CreateArgs) -> Result<(ContainerDir, Bundle), CliError> {
@@ -29,33 +30,57 @@ pub fn prepare(global: &Global, args: &CreateArgs) -> Result<(ContainerDir, Bund
     })
 }
 
+/// The engine's pid file: readable by others, as runc's is (0644); it holds no secret.
 pub fn write_pid_file(path: Option<&std::path::Path>, pid: i32) -> Result<(), CliError> {
     match path {
-        Some(path) => write_atomically(path, pid.to_string().as_bytes()),
+        Some(path) => write_atomically_mode(path, pid.to_string().as_bytes(), 0o644),
         None => Ok(()),
     }
 }
 
-/// Global flags for a child `cocoon` process, so it logs where this one does.
-fn global_args(global: &Global) -> Vec<std::ffi::OsString> {
-    let mut args: Vec<std::ffi::OsString> = vec!["--root".into(), global.root.clone().into()];
+/// Global flags for a child `cocoon` process, so it logs where this one does. Each value is
+/// joined to its flag with `=`: a path that starts with `-` is still the flag's value.
+fn global_args(global: &Global) -> Vec<OsString> {
+    let flag = |name: &str, value: &std::path::Path| {
+        let mut arg = OsString::from(format!("--{name}="));
+        arg.push(value);
+        arg
+    };
+    let mut args = vec![flag("root", &global.root)];
     if let Some(log) = &global.log {
-        args.extend(["--log".into(), log.clone().into()]);
+        args.push(flag("log", log));
     }
     let format = match global.log_format {
         crate::logging::LogFormat::Text => "text",
         crate::logging::LogFormat::Json => "json",
     };
-    args.extend(["--log-format".into(), format.into()]);
+    args.push(format!("--log-format={format}").into());
     if global.debug {
         args.push("--debug".into());
     }
     args
 }
 
-/// Starts `cocoon <verb_args>` as a monitor in a session of its own and waits until it reports
-/// its process created. Returns the monitor's pid.
-pub fn spawn_monitor(global: &Global, verb_args: &[&str]) -> Result<i32, CliError> {
+/// The command line of a monitor: `verb`, its `options` (each `--flag=value`), then `--` and
+/// the positional arguments, so that an id such as `-x` or `--help` (valid ids, as runc's) is
+/// never taken for a flag.
+fn monitor_args(global: &Global, verb: &str, options: &[OsString], ids: &[&str]) -> Vec<OsString> {
+    let mut args = global_args(global);
+    args.push(verb.into());
+    args.extend(options.iter().cloned());
+    args.push("--".into());
+    args.extend(ids.iter().map(OsString::from));
+    args
+}
+
+/// Starts `cocoon VERB OPTIONS -- IDS` as a monitor in a session of its own and waits until it
+/// reports its process created. Returns the monitor's pid.
+pub fn spawn_monitor(
+    global: &Global,
+    verb: &str,
+    options: &[OsString],
+    ids: &[&str],
+) -> Result<i32, CliError> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid out-array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -71,8 +96,7 @@ pub fn spawn_monitor(global: &Global, verb_args: &[&str]) -> Result<i32, CliErro
     let exe = std::env::current_exe().map_err(CliError::io("find", "/proc/self/exe"))?;
     let mut command = Command::new(exe);
     command
-        .args(global_args(global))
-        .args(verb_args)
+        .args(monitor_args(global, verb, options, ids))
         .env("COCOON_REPORT_FD", REPORT_FD.to_string());
     // SAFETY: between fork and exec only async-signal-safe calls: setsid, dup2, fcntl.
     unsafe {
@@ -131,7 +155,7 @@ pub fn run_poststop_hooks(record: &Record) {
 
 pub fn create(global: &Global, args: &CreateArgs) -> Result<(), CliError> {
     let (dir, bundle) = prepare(global, args)?;
-    let pid = match spawn_monitor(global, &["monitor", &dir.id]) {
+    let pid = match spawn_monitor(global, "monitor", &[], &[&dir.id]) {
         Ok(pid) => pid,
         Err(e) => {
             let _ = dir.remove();
@@ -157,4 +181,78 @@ pub fn create(global: &Global, args: &CreateArgs) -> Result<(), CliError> {
         return Err(e);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(args: Vec<OsString>) -> Cli {
+        Cli::try_parse_from(std::iter::once(OsString::from("cocoon")).chain(args.clone()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// runc's ids are `[\w+-.]+`: ones that look like flags must reach the monitor as ids,
+    /// and paths that do as values.
+    #[test]
+    fn ids_and_paths_that_look_like_flags_reach_the_monitor_as_they_are() {
+        let global =
+            Cli::try_parse_from(["cocoon", "--root=-root", "--log=-log", "--debug", "list"])
+                .unwrap()
+                .global;
+        for id in ["-x", "--help", "-h", "--root", "-", "--", "--version"] {
+            assert!(crate::state::check_id(id).is_ok(), "{id}");
+            let cli = parse(monitor_args(&global, "monitor", &[], &[id]));
+            assert!(
+                matches!(&cli.command, Command::Monitor { id: got, restore_from: None } if got == id),
+                "{id}: {:?}",
+                cli.command
+            );
+            assert_eq!(cli.global.root, std::path::Path::new("-root"));
+            assert_eq!(
+                cli.global.log.as_deref(),
+                Some(std::path::Path::new("-log"))
+            );
+            assert!(cli.global.debug);
+        }
+        let cli = parse(monitor_args(
+            &global,
+            "monitor",
+            &["--restore-from=-image".into()],
+            &["--help"],
+        ));
+        assert!(matches!(
+            &cli.command,
+            Command::Monitor { id, restore_from: Some(dir) }
+                if id == "--help" && dir == std::path::Path::new("-image")
+        ));
+        // As with runc, such an id follows `--` on the verbs' own command lines.
+        let cli = parse(
+            ["create", "--bundle", "/b", "--", "-x"]
+                .map(OsString::from)
+                .to_vec(),
+        );
+        assert!(matches!(&cli.command, Command::Create(args) if args.id == "-x"));
+        let cli = parse(
+            ["exec", "--", "-x", "sh", "-c", "true"]
+                .map(OsString::from)
+                .to_vec(),
+        );
+        assert!(matches!(
+            &cli.command,
+            Command::Exec(args) if args.id == "-x" && args.command == ["sh", "-c", "true"]
+        ));
+        let cli = parse(monitor_args(
+            &global,
+            "exec-monitor",
+            &[],
+            &["-x", "--help"],
+        ));
+        assert!(matches!(
+            &cli.command,
+            Command::ExecMonitor { id, exec_id } if id == "-x" && exec_id == "--help"
+        ));
+    }
 }

@@ -130,8 +130,8 @@ pub fn exec(global: &Global, args: &ExecArgs) -> Result<(), CliError> {
         &file,
         &serde_json::to_vec(&launch).map_err(|e| CliError::Other(e.to_string()))?,
     )?;
-    let pid =
-        spawn_monitor(global, &["exec-monitor", &args.id, &launch.exec_id]).inspect_err(|_| {
+    let pid = spawn_monitor(global, "exec-monitor", &[], &[&args.id, &launch.exec_id])
+        .inspect_err(|_| {
             let _ = std::fs::remove_file(&file);
         })?;
     write_pid_file(args.pid_file.as_deref(), pid)

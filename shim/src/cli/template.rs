@@ -72,6 +72,7 @@ pub fn template(command: &TemplateCommand) -> Result<(), CliError> {
                 slots: args.slots,
                 nics: args.nics,
             };
+            cocoon_vmm::jail::set_seccomp(config.seccomp);
             let template =
                 templates.create(&spec, Duration::from_secs(config.boot_timeout_secs))?;
             println!("{}", template.info.name);

@@ -149,7 +149,7 @@ fn open_restored(
             checkpoint.id
         )));
     }
-    let launch = Launch::read(dir)?;
+    let launch = Launch::read_for_vm(dir)?;
     let network = Network::carry(dir, &launch)?;
     crate::logging::phase("vm restoring");
     let sandbox = Sandbox::restore(
@@ -170,7 +170,7 @@ fn open_restored(
 
 /// The sandbox booted, the guest named, stdio attached, the container created.
 fn open(dir: &Path, container: &Container) -> Result<(Sandbox, Stdio), CliError> {
-    let launch = Launch::read(dir)?;
+    let launch = Launch::read_for_vm(dir)?;
     let network = Network::carry(dir, &launch)?;
     crate::logging::phase("vm starting");
     let sandbox = Sandbox::start(
@@ -343,7 +343,8 @@ impl Held {
                 Ok(())
             }
             Request::Checkpoint { dir, leave_running } => {
-                std::fs::create_dir_all(&dir).map_err(CliError::io("create", &dir))?;
+                // Guest RAM, every secret of the guest: 0700, as runc makes its image path.
+                crate::state::create_private_dir_all(&dir).map_err(CliError::io("create", &dir))?;
                 self.sandbox.snapshot(&checkpoint::vm_dir(&dir))?;
                 checkpoint::write(
                     &dir,

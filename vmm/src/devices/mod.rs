@@ -3,4 +3,5 @@
 pub mod guest_status;
 pub mod legacy;
 pub mod registry;
+pub mod timer;
 pub mod virtio;
