@@ -659,8 +659,14 @@ fn checkpoint_and_restore_keep_a_running_process_going() {
             .parse()
             .unwrap_or_else(|_| panic!("counter {out:?}"))
     };
+    // The shell writes its first count a moment after `run` returns.
+    let counted = || {
+        let out = cocoon.run(&["exec", "k1", "cat", "/tmp/n"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim().parse::<i64>().unwrap_or(0)
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while count() < 5 {
+    while counted() < 5 {
         assert!(
             std::time::Instant::now() < deadline,
             "the counter does not count"

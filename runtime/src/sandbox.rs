@@ -36,6 +36,10 @@ pub enum StartPlan {
 
 /// The guest context id: each VM has its own vsock device, so every guest can use the same.
 const GUEST_CID: u64 = 3;
+/// How long one hello may take while waiting for the agent. A loaded guest answers in a couple
+/// of seconds; one that has not after this long is asked again on a new connection.
+const HELLO_MAX: Duration = Duration::from_secs(10);
+const HELLO_MIN: Duration = Duration::from_secs(1);
 
 /// What one sandbox's VM is made of.
 #[derive(Debug, Clone)]
@@ -311,11 +315,15 @@ impl Sandbox {
             if let Some(reason) = self.vm.try_wait() {
                 return Err(Error::EndedWhileBooting(reason));
             }
-            if let Ok(mut client) = AgentClient::connect(&self.vsock_socket)
-                && client.hello().is_ok()
-            {
-                self.channel.keep(client);
-                return Ok(());
+            if let Ok(mut client) = AgentClient::connect(&self.vsock_socket) {
+                // An agent that took the connection but does not answer gets a new one: the
+                // hello is bounded, the caller's deadline is not passed by much.
+                let left = timeout.saturating_sub(started.elapsed());
+                let bounded = client.set_timeout(Some(left.clamp(HELLO_MIN, HELLO_MAX)));
+                if bounded.is_ok() && client.hello().is_ok() && client.set_timeout(None).is_ok() {
+                    self.channel.keep(client);
+                    return Ok(());
+                }
             }
             let waited = started.elapsed();
             if waited > timeout {

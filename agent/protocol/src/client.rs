@@ -294,8 +294,39 @@ impl AgentClient {
         self.done(Request::PowerOff)
     }
 
+    /// Bounds how long each read or write of a call may wait (`None`: for ever). A guest that
+    /// accepted the connection but never answers then fails the call instead of hanging it.
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.stream.set_read_timeout(timeout)?;
+        self.stream.set_write_timeout(timeout)
+    }
+
     /// The raw stream, for tests that send malformed frames.
     pub fn stream(&mut self) -> &mut UnixStream {
         &mut self.stream
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent that took the connection and never answers fails the call once the timeout
+    /// is up, instead of hanging the caller (the wait for a restored agent asks again then).
+    #[test]
+    fn a_call_to_an_agent_that_never_answers_times_out() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut client = AgentClient {
+            stream: ours,
+            next_id: 1,
+        };
+        client
+            .set_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let err = client.hello().unwrap_err();
+        assert!(matches!(err, ClientError::Frame(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(theirs);
     }
 }

@@ -630,17 +630,31 @@ impl Containers {
             }
             lock(&record.stdio).close();
         }
-        if let Some(mut rootfs) = lock(&container.rootfs).take() {
-            rootfs.unmount(&sys);
-        }
-        container
+        // Both, whatever the other did; the container stays listed until both are gone, so
+        // that the engine's next remove tries again what is left.
+        let unmounted = unmount_rootfs(&sys, &container.rootfs);
+        let cgroup_removed = container
             .cgroup
             .remove(&sys)
-            .map_err(|e| error(ErrorKind::Failed, e.to_string()))?;
+            .map_err(|e| error(ErrorKind::Failed, e.to_string()));
+        unmounted.and(cgroup_removed)?;
         stdio::discard(id);
         lock(&self.map).remove(id);
         Ok(())
     }
+}
+
+/// Unmounts a container's root filesystem. One that stays mounted is an error (the guest
+/// would hold it for good), and stays in `slot` for the next remove to try again.
+fn unmount_rootfs(sys: &dyn Syscall, slot: &Mutex<Option<Rootfs>>) -> Result<(), AgentError> {
+    let mut slot = lock(slot);
+    if let Some(rootfs) = slot.as_mut() {
+        rootfs
+            .unmount(sys)
+            .map_err(|e| error(ErrorKind::Failed, e.to_string()))?;
+        *slot = None;
+    }
+    Ok(())
 }
 
 fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentError> {
@@ -691,23 +705,26 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
     let mut rootfs = Rootfs::mount(&sys, &id, &devices, host_files.as_deref())
         .map_err(|e| error(ErrorKind::Failed, e.to_string()))?;
     let cgroup = Cgroup::for_container(&id);
-    let undo = |rootfs: &mut Rootfs, cgroup: &Cgroup| {
-        rootfs.unmount(&sys);
+    // The create's error, with the root filesystem's if that cannot be unmounted: the engine
+    // must learn that the guest holds it.
+    let undo = |rootfs: &mut Rootfs, cgroup: &Cgroup, e: AgentError| {
+        let unmounted = rootfs.unmount(&sys);
         let _ = cgroup.remove(&sys);
         stdio::discard(&id);
+        match unmounted {
+            Ok(()) => e,
+            Err(left) => error(e.kind, format!("{}; and then {left}", e.message)),
+        }
     };
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     if let Err(e) = cgroup.create(&sys, resources) {
-        undo(&mut rootfs, &cgroup);
-        return Err(error(ErrorKind::Failed, e.to_string()));
+        let e = error(ErrorKind::Failed, e.to_string());
+        return Err(undo(&mut rootfs, &cgroup, e));
     }
     let prepared = stdio::prepare(&id, None, stdio_config);
     let (child, mut host) = match prepared {
         Ok(pair) => pair,
-        Err(e) => {
-            undo(&mut rootfs, &cgroup);
-            return Err(e);
-        }
+        Err(e) => return Err(undo(&mut rootfs, &cgroup, e)),
     };
     let console = child.console.clone();
     let setup = mounts::RootfsSetup {
@@ -731,8 +748,7 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         Ok(spawned) => spawned,
         Err(e) => {
             host.close();
-            undo(&mut rootfs, &cgroup);
-            return Err(e);
+            return Err(undo(&mut rootfs, &cgroup, e));
         }
     };
     host.start_relays();
@@ -838,6 +854,33 @@ mod tests {
         let shares = shares_guest_network(true, false, false);
         let made = network_namespace(flags, true, shares) & !guest_owned(flags, true, shares);
         assert_eq!(made & libc::CLONE_NEWNET, 0);
+    }
+
+    #[test]
+    fn a_root_filesystem_left_mounted_fails_the_remove_and_stays_for_the_next() {
+        use syscall::recorder::Recorder;
+        let mut sys = Recorder::default();
+        let rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")], None).unwrap();
+        let slot = Mutex::new(Some(rootfs));
+        sys.failing
+            .insert("umount /run/cocoon/containers/c1".into());
+        let e = unmount_rootfs(&sys, &slot).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Failed);
+        assert!(
+            e.message.starts_with(
+                "the root filesystem under /run/cocoon/containers/c1 is still mounted"
+            ),
+            "{}",
+            e.message
+        );
+        assert!(lock(&slot).is_some(), "kept for another try");
+
+        sys.failing.clear();
+        unmount_rootfs(&sys, &slot).unwrap();
+        assert!(lock(&slot).is_none());
+        assert!(sys.mounts.borrow().is_empty(), "{:?}", sys.mounts);
+        // Nothing left to unmount: a remove that comes again is not an error.
+        unmount_rootfs(&sys, &slot).unwrap();
     }
 
     #[test]

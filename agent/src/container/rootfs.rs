@@ -1,7 +1,15 @@
 //! A container's root filesystem in the agent's namespace: each read-only EROFS layer device
 //! mounted on its own, stacked with overlayfs under a writable upper layer on a tmpfs that
-//! belongs to the container alone. Removal unmounts the lot.
+//! belongs to the container alone. Removal unmounts the lot, and checks the agent's mount table
+//! that nothing under the container's directory is left.
+//!
+//! Mount propagation is kept out of it: the containers' directory is a mount of its own,
+//! unbindable (so private), and each container's tmpfs is made private, so no mount made in a
+//! container's namespace (a copy of the agent's) reaches the agent's, nor the other way round,
+//! whatever the propagation of the guest's root.
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,6 +21,14 @@ pub const CONTAINERS_DIR: &str = "/run/cocoon/containers";
 
 /// How long a layer disk may show no capacity before create gives up on it.
 pub const CAPACITY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The agent's mount table, as the agent sees it: what a look at `/proc/1/mounts` shows.
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// How many times removal detaches what is still mounted under a container's directory before
+/// it gives up: one detach takes the lot, unless something was stacked on the base or mounted
+/// under it meanwhile.
+const DETACH_ROUNDS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
@@ -26,6 +42,37 @@ pub enum RootfsError {
     NoCapacity { device: String, waited: Duration },
     #[error("{what}: {errno}")]
     Sys { what: String, errno: Errno },
+    #[error("{}", still_mounted(base, left, *rounds, last.as_ref()))]
+    StillMounted {
+        base: PathBuf,
+        /// The outermost mount points still under `base`, as the agent's mount table lists them.
+        left: Vec<PathBuf>,
+        rounds: usize,
+        /// The last detach that failed, if one did.
+        last: Option<(PathBuf, Errno)>,
+    },
+    #[error("{error}; and what it had mounted stays: {cleanup}")]
+    Cleanup {
+        error: Box<RootfsError>,
+        cleanup: Box<RootfsError>,
+    },
+}
+
+fn still_mounted(
+    base: &Path,
+    left: &[PathBuf],
+    rounds: usize,
+    last: Option<&(PathBuf, Errno)>,
+) -> String {
+    let left: Vec<String> = left.iter().map(|p| p.display().to_string()).collect();
+    let cause = last.map_or(String::new(), |(target, errno)| {
+        format!("; unmount {}: {errno}", target.display())
+    });
+    format!(
+        "the root filesystem under {} is still mounted after {rounds} detaches ({}){cause}",
+        base.display(),
+        left.join(", ")
+    )
 }
 
 fn context<T>(result: Result<T, Errno>, what: impl FnOnce() -> String) -> Result<T, RootfsError> {
@@ -64,7 +111,23 @@ pub fn prepare_runtime_dirs(sys: &dyn Syscall) -> Result<(), RootfsError> {
     for dir in [RUNTIME_DIR, CONTAINERS_DIR] {
         context(sys.mkdir(Path::new(dir), 0o711), || format!("create {dir}"))?;
     }
-    Ok(())
+    isolate_containers_dir(sys)
+}
+
+/// Makes the containers' directory a mount of its own, unbindable: private, so that whatever
+/// the guest's root propagates, no mount event crosses between the agent's namespace and the
+/// containers' copies of it; and left out of a recursive bind a container makes (of /run, say),
+/// so one container never sees another's root filesystem.
+fn isolate_containers_dir(sys: &dyn Syscall) -> Result<(), RootfsError> {
+    let dir = Path::new(CONTAINERS_DIR);
+    context(
+        sys.mount(Some(CONTAINERS_DIR), dir, None, libc::MS_BIND, None),
+        || format!("bind {CONTAINERS_DIR} onto itself"),
+    )?;
+    context(
+        sys.mount(None, dir, None, libc::MS_UNBINDABLE, None),
+        || format!("make {CONTAINERS_DIR} unbindable"),
+    )
 }
 
 /// Waits until the disk at `device` (`/dev/vdX`) has a non-zero size. A VM restored from a
@@ -135,10 +198,13 @@ impl Rootfs {
         };
         match rootfs.mount_all(sys, layers, host_files) {
             Ok(()) => Ok(rootfs),
-            Err(e) => {
-                rootfs.unmount(sys);
-                Err(e)
-            }
+            Err(error) => match rootfs.unmount(sys) {
+                Ok(()) => Err(error),
+                Err(cleanup) => Err(RootfsError::Cleanup {
+                    error: Box::new(error),
+                    cleanup: Box::new(cleanup),
+                }),
+            },
         }
     }
 
@@ -167,6 +233,12 @@ impl Rootfs {
             || format!("mount tmpfs on {}", base.display()),
         )?;
         self.mounted.push(base.clone());
+        // Private before anything is mounted on it, so the layers and the overlay are too: the
+        // containers' directory is unbindable, but a guest whose boot could not make it so must
+        // not have this container's mounts copied into, or taken from, other namespaces.
+        context(sys.mount(None, &base, None, libc::MS_PRIVATE, None), || {
+            format!("make {} private", base.display())
+        })?;
         for dir in ["layers", "upper", "work", "rootfs"] {
             let dir = base.join(dir);
             context(sys.mkdir(&dir, 0o755), || {
@@ -232,20 +304,109 @@ impl Rootfs {
 
     /// Unmounts everything. Lazy: a process that still holds a file keeps it, but the mounts
     /// are gone from the namespace. Every other mount is below the base tmpfs, and a lazy
-    /// unmount takes the mounts below with it: one call for the lot.
-    pub fn unmount(&mut self, sys: &dyn Syscall) {
-        if let Some(base) = self.mounted.first()
-            && let Err(errno) = sys.umount(base, libc::MNT_DETACH)
-        {
-            tracing_line(&format!("cannot unmount {}: {errno}", base.display()));
+    /// unmount takes the mounts below with it: one call for the lot. The agent's mount table
+    /// then says whether anything under the base is left (a mount stacked on the base, or made
+    /// under it by someone else), and that is detached in turn, a few rounds at most. On
+    /// failure the mounts are still recorded, for a later call to try again.
+    pub fn unmount(&mut self, sys: &dyn Syscall) -> Result<(), RootfsError> {
+        if !self.mounted.is_empty() {
+            self.detach_all(sys)?;
+            self.mounted.clear();
         }
-        self.mounted.clear();
+        // An empty directory on the agent's root now; one left behind is reused by the next
+        // container of this name, and is no mount.
         let _ = sys.rmdir(&self.base);
+        Ok(())
+    }
+
+    fn detach_all(&self, sys: &dyn Syscall) -> Result<(), RootfsError> {
+        let mut targets = vec![self.base.clone()];
+        let mut last = None;
+        for _ in 0..DETACH_ROUNDS {
+            for target in &targets {
+                if let Err(errno) = sys.umount(target, libc::MNT_DETACH) {
+                    last = Some((target.clone(), errno));
+                }
+            }
+            targets = self.mounted_under_base(sys)?;
+            if targets.is_empty() {
+                return Ok(());
+            }
+        }
+        Err(RootfsError::StillMounted {
+            base: self.base.clone(),
+            left: targets,
+            rounds: DETACH_ROUNDS,
+            last,
+        })
+    }
+
+    /// The outermost mount points under the base (the base itself included, once per mount
+    /// stacked there) in the agent's mount table: detaching those takes the rest along.
+    fn mounted_under_base(&self, sys: &dyn Syscall) -> Result<Vec<PathBuf>, RootfsError> {
+        let table = context(sys.read_file(Path::new(MOUNTINFO)), || {
+            format!("read {MOUNTINFO}")
+        })?;
+        let under: Vec<PathBuf> = mount_points(&table)
+            .into_iter()
+            .filter(|p| p.starts_with(&self.base))
+            .collect();
+        Ok(outermost(under))
     }
 }
 
-fn tracing_line(message: &str) {
-    crate::console::line(&format!("cocoon-agent: {message}"));
+/// The mount points of a mountinfo table (its fifth field), in its order.
+fn mount_points(table: &str) -> Vec<PathBuf> {
+    table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_octal)
+        .collect()
+}
+
+/// Undoes the kernel's escapes in a mountinfo path: space, tab, newline and backslash appear
+/// as `\040`, `\011`, `\012` and `\134`.
+fn unescape_octal(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match octal_escape(&bytes[i..]) {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(OsString::from_vec(out))
+}
+
+/// The byte that `rest` starts with an escape of (a backslash and three octal digits).
+fn octal_escape(rest: &[u8]) -> Option<u8> {
+    let (b'\\', digits) = rest.split_first()? else {
+        return None;
+    };
+    let digits = digits.get(..3)?;
+    if !digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
+        return None;
+    }
+    let value = digits.iter().fold(0u32, |n, d| n * 8 + u32::from(d - b'0'));
+    u8::try_from(value).ok()
+}
+
+/// The paths not below another one of `paths` (equal ones are all kept: mounts stacked on one
+/// mount point are detached one per call).
+fn outermost(paths: Vec<PathBuf>) -> Vec<PathBuf> {
+    let below_another = |p: &PathBuf| paths.iter().any(|q| q != p && p.starts_with(q));
+    paths
+        .iter()
+        .filter(|p| !below_another(p))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
@@ -264,18 +425,155 @@ mod tests {
             mounts,
             [
                 "mount /run/cocoon/containers/c1 tmpfs tmpfs 0x6 mode=0711",
+                // MS_PRIVATE, before anything is mounted on it.
+                "mount /run/cocoon/containers/c1 - - 0x40000 -",
                 "mount /run/cocoon/containers/c1/layers/0 /dev/vdb erofs 0x5 -",
                 "mount /run/cocoon/containers/c1/layers/1 /dev/vdc erofs 0x5 -",
                 "mount /run/cocoon/containers/c1/rootfs overlay overlay 0x0 lowerdir=/run/cocoon/containers/c1/layers/1:/run/cocoon/containers/c1/layers/0,upperdir=/run/cocoon/containers/c1/upper,workdir=/run/cocoon/containers/c1/work",
             ]
         );
-        rootfs.unmount(&sys);
-        // The base tmpfs holds every other mount: detaching it takes them along.
+        rootfs.unmount(&sys).unwrap();
+        // The base tmpfs holds every other mount: detaching it takes them along, and the
+        // mount table then shows nothing under it.
         assert_eq!(
             sys.calls_of("umount"),
             ["umount /run/cocoon/containers/c1 0x2"]
         );
+        assert!(sys.mounts.borrow().is_empty(), "{:?}", sys.mounts);
         assert_eq!(sys.calls_of("rmdir"), ["rmdir /run/cocoon/containers/c1"]);
+    }
+
+    #[test]
+    fn the_containers_dir_is_an_unbindable_mount_of_its_own() {
+        let sys = Recorder::default();
+        prepare_runtime_dirs(&sys).unwrap();
+        assert_eq!(
+            sys.calls(),
+            [
+                "mkdir /run/cocoon 711",
+                "mkdir /run/cocoon/containers 711",
+                "mount /run/cocoon/containers /run/cocoon/containers - 0x1000 -",
+                // MS_UNBINDABLE: private, and out of any recursive bind.
+                "mount /run/cocoon/containers - - 0x20000 -",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_mount_stacked_on_the_base_is_detached_in_turn() {
+        let sys = Recorder::default();
+        // Under the container's tmpfs, as a propagated copy would be: the first detach takes
+        // the container's own mounts and uncovers it.
+        sys.mounts
+            .borrow_mut()
+            .push("/run/cocoon/containers/c1".into());
+        let mut rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")], None).unwrap();
+        rootfs.unmount(&sys).unwrap();
+        assert_eq!(
+            sys.calls_of("umount"),
+            [
+                "umount /run/cocoon/containers/c1 0x2",
+                "umount /run/cocoon/containers/c1 0x2"
+            ]
+        );
+        assert!(sys.mounts.borrow().is_empty(), "{:?}", sys.mounts);
+    }
+
+    #[test]
+    fn a_mount_left_under_the_base_is_detached_by_its_own_path() {
+        let sys = Recorder::default();
+        // On the agent's root under the container's name, not on its tmpfs (made before the
+        // tmpfs covered the name): detaching the tmpfs uncovers them instead of taking them.
+        sys.mounts.borrow_mut().extend([
+            PathBuf::from("/run/cocoon/containers/c1/rootfs/proc"),
+            PathBuf::from("/run/cocoon/containers/c1/rootfs/proc/sys"),
+            // Another container's, whose name starts the same: not this one's to detach.
+            PathBuf::from("/run/cocoon/containers/c10"),
+        ]);
+        let mut rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")], None).unwrap();
+        rootfs.unmount(&sys).unwrap();
+        assert_eq!(
+            sys.calls_of("umount"),
+            [
+                "umount /run/cocoon/containers/c1 0x2",
+                "umount /run/cocoon/containers/c1/rootfs/proc 0x2"
+            ]
+        );
+        assert_eq!(
+            *sys.mounts.borrow(),
+            [PathBuf::from("/run/cocoon/containers/c10")]
+        );
+    }
+
+    #[test]
+    fn a_root_that_stays_mounted_is_an_error_and_kept_for_another_try() {
+        let mut sys = Recorder::default();
+        let mut rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")], None).unwrap();
+        sys.failing
+            .insert("umount /run/cocoon/containers/c1".into());
+        let err = rootfs.unmount(&sys).unwrap_err();
+        assert!(matches!(err, RootfsError::StillMounted { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "the root filesystem under /run/cocoon/containers/c1 is still mounted after 4 \
+             detaches (/run/cocoon/containers/c1); unmount /run/cocoon/containers/c1: \
+             Operation not permitted (os error 1)"
+        );
+        assert_eq!(sys.calls_of("umount").len(), DETACH_ROUNDS);
+        assert!(sys.calls_of("rmdir").is_empty(), "a mount point stays");
+
+        sys.failing.clear();
+        rootfs.unmount(&sys).unwrap();
+        assert!(sys.mounts.borrow().is_empty(), "{:?}", sys.mounts);
+        assert_eq!(sys.calls_of("rmdir"), ["rmdir /run/cocoon/containers/c1"]);
+    }
+
+    #[test]
+    fn a_failed_create_that_cannot_unmount_says_both() {
+        let mut sys = Recorder::default();
+        sys.failing
+            .insert("mount /run/cocoon/containers/c1/rootfs".into());
+        sys.failing
+            .insert("umount /run/cocoon/containers/c1".into());
+        let err = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")], None).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("mount the overlay root: Operation not permitted"),
+            "{text}"
+        );
+        assert!(text.contains("is still mounted after 4 detaches"), "{text}");
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped_and_the_outermost_kept() {
+        let table = "22 1 0:21 / /proc rw,relatime - proc proc rw\n\
+                     40 1 0:40 / /run/a\\040b rw - tmpfs tmpfs rw\n\
+                     41 40 0:41 / /run/a\\040b/c\\134d rw shared:4 - tmpfs tmpfs rw\n";
+        let points = mount_points(table);
+        assert_eq!(
+            points,
+            [
+                PathBuf::from("/proc"),
+                PathBuf::from("/run/a b"),
+                PathBuf::from("/run/a b/c\\d")
+            ]
+        );
+        // Not octal, or too short: kept as it is.
+        assert_eq!(unescape_octal("/x\\09y\\1"), Path::new("/x\\09y\\1"));
+        let stacked = vec![
+            PathBuf::from("/b"),
+            PathBuf::from("/b/l/0"),
+            PathBuf::from("/b"),
+            PathBuf::from("/bc"),
+        ];
+        assert_eq!(
+            outermost(stacked),
+            [
+                PathBuf::from("/b"),
+                PathBuf::from("/b"),
+                PathBuf::from("/bc")
+            ]
+        );
     }
 
     #[test]

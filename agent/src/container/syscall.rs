@@ -436,6 +436,10 @@ pub mod recorder {
         pub failing: BTreeSet<String>,
         /// What `read_file` returns; other paths are missing. Reads are not recorded.
         pub contents: BTreeMap<PathBuf, String>,
+        /// The mount points of the modelled mount table, oldest first: mounts add to it, a
+        /// detach takes the topmost mount at its target and what was mounted under it since.
+        /// `read_file` renders it as [`MOUNTINFO`] unless `contents` has that.
+        pub mounts: RefCell<Vec<PathBuf>>,
         /// The credentials the calls change, checked the way the kernel checks them, so a
         /// privilege drop in the wrong order fails here as it would in a guest.
         pub creds: RefCell<Creds>,
@@ -505,6 +509,9 @@ pub mod recorder {
         }
     }
 
+    /// The table `read_file` renders from [`Recorder::mounts`].
+    pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+
     impl Recorder {
         pub fn with_dirs(dirs: &[&str]) -> Recorder {
             let r = Recorder::default();
@@ -543,6 +550,51 @@ pub mod recorder {
             }
         }
 
+        /// A new mount, as the kernel's table would hold it: a remount or a propagation change
+        /// makes none.
+        fn add_mount(&self, target: &Path, flags: libc::c_ulong) {
+            let changes_only = libc::MS_REMOUNT
+                | libc::MS_SHARED
+                | libc::MS_PRIVATE
+                | libc::MS_SLAVE
+                | libc::MS_UNBINDABLE;
+            if flags & changes_only == 0 {
+                self.mounts.borrow_mut().push(target.to_owned());
+            }
+        }
+
+        /// umount2(MNT_DETACH): the topmost mount at `target` goes, with every mount made
+        /// under it after it (mounts below it that predate it belong to the one it covers).
+        fn detach(&self, target: &Path) {
+            let mut mounts = self.mounts.borrow_mut();
+            if let Some(top) = mounts.iter().rposition(|m| m == target) {
+                let mut index = 0;
+                mounts.retain(|m| {
+                    let keep = index < top || (index > top && !m.starts_with(target));
+                    index += 1;
+                    keep
+                });
+            }
+        }
+
+        /// The mount table in mountinfo's format, spaces and backslashes escaped as the kernel
+        /// escapes them.
+        fn mountinfo(&self) -> String {
+            self.mounts
+                .borrow()
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let point = m
+                        .display()
+                        .to_string()
+                        .replace('\\', "\\134")
+                        .replace(' ', "\\040");
+                    format!("{} 1 0:{i} / {point} rw - none none rw\n", i + 2)
+                })
+                .collect()
+        }
+
         fn record(&self, call: String) -> SysResult {
             let key: String = call.split(' ').take(2).collect::<Vec<_>>().join(" ");
             self.calls.borrow_mut().push(call);
@@ -573,10 +625,16 @@ pub mod recorder {
                 opt(source),
                 opt(fstype),
                 opt(data)
-            ))
+            ))?;
+            self.add_mount(target, flags);
+            Ok(())
         }
         fn umount(&self, target: &Path, flags: libc::c_int) -> SysResult {
-            self.record(format!("umount {} {flags:#x}", target.display()))
+            self.record(format!("umount {} {flags:#x}", target.display()))?;
+            if flags & libc::MNT_DETACH != 0 {
+                self.detach(target);
+            }
+            Ok(())
         }
         fn pivot_root(&self, new_root: &Path, put_old: &Path) -> SysResult {
             self.record(format!(
@@ -629,7 +687,11 @@ pub mod recorder {
             ))
         }
         fn read_file(&self, path: &Path) -> SysResult<String> {
-            self.contents.get(path).cloned().ok_or(Errno(libc::ENOENT))
+            match self.contents.get(path) {
+                Some(contents) => Ok(contents.clone()),
+                None if path == Path::new(MOUNTINFO) => Ok(self.mountinfo()),
+                None => Err(Errno(libc::ENOENT)),
+            }
         }
         fn rmdir(&self, path: &Path) -> SysResult {
             self.record(format!("rmdir {}", path.display()))

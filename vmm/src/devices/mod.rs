@@ -3,5 +3,4 @@
 pub mod guest_status;
 pub mod legacy;
 pub mod registry;
-pub mod timer;
 pub mod virtio;

@@ -60,16 +60,7 @@ pub struct MmioTransport {
     /// the driver (a disk swap), so a driver that read the space across the change reads it
     /// again. Never reset: a driver reading across a device reset must not see an old value.
     pub(super) config_generation: u32,
-    /// Queues (one bit each) whose device left work at the end of its budget, and whether its
-    /// host side did: the device thread serves them again on its next turn
-    /// (`serve_pending`). Not saved: a restored transport serves every queue once anyway.
-    pub(super) pending_queues: u64,
-    pub(super) host_pending: bool,
 }
-
-/// A QueueNotify that reaches us by an MMIO exit (no ioeventfd) is served on the vCPU thread
-/// for at most this many passes; what is left waits for the device thread's next turn.
-const MAX_INLINE_PASSES: usize = 16;
 
 impl MmioTransport {
     pub fn new(
@@ -96,8 +87,6 @@ impl MmioTransport {
             status: 0,
             activated: false,
             config_generation: 0,
-            pending_queues: 0,
-            host_pending: false,
         }
     }
 
@@ -119,53 +108,24 @@ impl MmioTransport {
 
     /// The driver kicked queue `index` (through the ioeventfd or a QueueNotify write).
     pub fn notify(&mut self, index: usize) {
-        let bit = 1u64.checked_shl(index as u32).unwrap_or(0);
-        self.pending_queues &= !bit;
         if !self.activated {
             return;
         }
         if !self.queues.get(index).is_some_and(|q| q.ready()) {
             return;
         }
-        let pass = self
+        let used = self
             .device
             .process_queue(index, &mut self.queues, &self.mem);
-        if pass.more {
-            self.pending_queues |= bit;
-        }
-        self.interrupt_if(pass.used);
+        self.interrupt_if(used);
     }
 
     /// The device's host side has events (see `VirtioDevice::host_event_fd`).
     pub fn host_event(&mut self) {
-        self.host_pending = false;
         if self.activated {
-            let pass = self.device.process_host_events(&mut self.queues, &self.mem);
-            self.host_pending = pass.more;
-            self.interrupt_if(pass.used);
-        } else {
-            self.device.note_host_events();
+            let used = self.device.process_host_events(&mut self.queues, &self.mem);
+            self.interrupt_if(used);
         }
-    }
-
-    /// Whether the device left work for the device thread's next turn.
-    pub fn has_pending_work(&self) -> bool {
-        self.pending_queues != 0 || self.host_pending
-    }
-
-    /// Gives every queue (and the host side) whose device left work one more pass. Returns
-    /// whether work is still left.
-    pub fn serve_pending(&mut self) -> bool {
-        let queues = self.pending_queues;
-        for index in 0..self.queues.len().min(64) {
-            if queues & (1 << index) != 0 {
-                self.notify(index);
-            }
-        }
-        if self.host_pending {
-            self.host_event();
-        }
-        self.has_pending_work()
     }
 
     /// See `VirtioDevice::vm_ended`.
@@ -214,8 +174,6 @@ impl MmioTransport {
         self.driver_features = 0;
         self.status = 0;
         self.activated = false;
-        self.pending_queues = 0;
-        self.host_pending = false;
         self.interrupt.acknowledge(u32::MAX);
     }
 
@@ -307,17 +265,7 @@ impl MmioTransport {
                 }
             }
             REG_QUEUE_SEL => self.queue_select = value,
-            REG_QUEUE_NOTIFY => {
-                // Only without an ioeventfd: the device thread does not see this kick, so the
-                // vCPU serves the queue past one budget (the guest pays with its own vCPU).
-                let index = value as usize;
-                for _ in 0..MAX_INLINE_PASSES {
-                    self.notify(index);
-                    if self.pending_queues & 1u64.checked_shl(value).unwrap_or(0) == 0 {
-                        break;
-                    }
-                }
-            }
+            REG_QUEUE_NOTIFY => self.notify(value as usize),
             REG_INTERRUPT_ACK => self.interrupt.acknowledge(value),
             REG_STATUS => self.set_status(value),
             REG_QUEUE_NUM
@@ -381,20 +329,15 @@ impl BusDevice for MmioTransport {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::super::Pass;
+mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
     struct Dummy {
         queue_sizes: Vec<u16>,
         activated_with: Option<u64>,
-        /// Passes served, and how many a kick takes before nothing is left (shared with the
-        /// test).
-        processed: Arc<AtomicUsize>,
-        passes_wanted: Arc<AtomicUsize>,
+        processed: usize,
     }
 
     impl VirtioDevice for Dummy {
@@ -413,12 +356,9 @@ pub(crate) mod tests {
         fn activate(&mut self, features: u64) {
             self.activated_with = Some(features);
         }
-        fn process_queue(&mut self, _: usize, _: &mut [Queue], _: &GuestMemoryMmap) -> Pass {
-            let done = self.processed.fetch_add(1, Ordering::SeqCst) + 1;
-            Pass {
-                used: true,
-                more: done < self.passes_wanted.load(Ordering::SeqCst),
-            }
+        fn process_queue(&mut self, _: usize, _: &mut [Queue], _: &GuestMemoryMmap) -> bool {
+            self.processed += 1;
+            true
         }
         fn save(&self) -> crate::devices::virtio::persist::DeviceState {
             crate::devices::virtio::persist::DeviceState::Rng(
@@ -428,35 +368,17 @@ pub(crate) mod tests {
     }
 
     fn transport() -> MmioTransport {
-        counting_transport().0
-    }
-
-    /// A transport whose device counts its passes (the first counter) and wants as many per
-    /// kick as the second says.
-    pub(crate) fn counting_transport() -> (MmioTransport, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let processed = Arc::new(AtomicUsize::new(0));
-        let passes_wanted = Arc::new(AtomicUsize::new(0));
         let dev = Dummy {
             queue_sizes: vec![16, 8],
             activated_with: None,
-            processed: processed.clone(),
-            passes_wanted: passes_wanted.clone(),
+            processed: 0,
         };
-        let t = MmioTransport::new(
+        MmioTransport::new(
             Box::new(dev),
             mem,
             Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
-        );
-        (t, processed, passes_wanted)
-    }
-
-    /// The driver's handshake with queue 0 set up: the device is active.
-    pub(crate) fn activate(t: &mut MmioTransport) {
-        negotiate(t, VIRTIO_F_VERSION_1);
-        setup_queue(t, 0, 16, 0x1_0000);
-        write(t, REG_STATUS, ALL_OK);
-        assert!(t.is_activated());
+        )
     }
 
     fn read(t: &mut MmioTransport, offset: u64) -> u32 {
@@ -591,35 +513,6 @@ pub(crate) mod tests {
         let mut narrow = [0xaau8; 2];
         t.read(REG_MAGIC, &mut narrow);
         assert_eq!(narrow, [0, 0]);
-    }
-
-    /// A device that stopped at its budget is served again without a new kick.
-    #[test]
-    fn work_left_at_the_budget_is_served_again() {
-        let (mut t, processed, wanted) = counting_transport();
-        activate(&mut t);
-        wanted.store(3, Ordering::SeqCst);
-        t.notify(0);
-        assert!(t.has_pending_work());
-        assert!(t.serve_pending());
-        assert!(!t.serve_pending(), "done after three passes");
-        assert_eq!(processed.load(Ordering::SeqCst), 3);
-        assert!(!t.serve_pending());
-        assert_eq!(
-            processed.load(Ordering::SeqCst),
-            3,
-            "nothing pending: not called"
-        );
-        // A kick by MMIO exit (no ioeventfd) is served past the budget on the spot.
-        wanted.store(6, Ordering::SeqCst);
-        write(&mut t, REG_QUEUE_NOTIFY, 0);
-        assert_eq!(processed.load(Ordering::SeqCst), 6);
-        assert!(!t.has_pending_work());
-        // A reset forgets what was pending.
-        wanted.store(100, Ordering::SeqCst);
-        t.notify(0);
-        write(&mut t, REG_STATUS, 0);
-        assert!(!t.has_pending_work());
     }
 
     #[test]

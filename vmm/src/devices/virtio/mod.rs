@@ -13,7 +13,7 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -103,23 +103,18 @@ pub trait VirtioDevice: Send {
     /// The driver accepted `features` and set DRIVER_OK; queues are ready.
     fn activate(&mut self, _features: u64) {}
     /// The driver kicked queue `index`: serve it (a device may use its other queues too, e.g.
-    /// to answer on its receive queue), at most [`CHAIN_BUDGET`] chains per queue. Says whether
-    /// any chain was returned to a used ring (so the transport decides whether to interrupt)
-    /// and whether work is left that no new event will announce (the transport calls again).
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Pass;
+    /// to answer on its receive queue). Returns whether any chain was returned to a used ring
+    /// (so the transport decides whether to interrupt).
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
     /// A pollable fd for the device's host side (a socket, or the device's own epoll of many),
     /// watched by the device thread.
     fn host_event_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
     /// `host_event_fd` is readable. Same return as `process_queue`.
-    fn process_host_events(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> Pass {
-        Pass::default()
+    fn process_host_events(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
     }
-    /// `host_event_fd` is readable but the driver has not activated the device: take note of
-    /// the events without touching the queues. The device thread polls level-triggered, so an
-    /// fd left readable would make it spin until the driver is up.
-    fn note_host_events(&mut self) {}
     /// The driver reset the device.
     fn reset(&mut self) {}
     /// The VM has ended: no guest will answer any more. A device whose host side has peers
@@ -128,7 +123,7 @@ pub trait VirtioDevice: Send {
     /// What a snapshot keeps of the device, enough to reopen its host side (`persist.rs`).
     fn save(&self) -> persist::DeviceState;
     /// The device restored from a snapshot may now talk to the driver (the interrupt
-    /// controller is restored, no vCPU runs yet). Returns whether any chain was used.
+    /// controller is restored, no vCPU runs yet). Same return as `process_queue`.
     fn after_restore(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
         false
     }
@@ -157,154 +152,31 @@ pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// Chains one pass serves at most per queue before the device thread goes back to its other
-/// fds: one busy queue (a TX flood, a disk the guest keeps busy) can then not starve the
-/// others, nor the host's control path on vsock. What is left is served on the thread's next
-/// turn (`Pass::more`), so throughput costs one `epoll_wait` per this many chains.
-pub const CHAIN_BUDGET: usize = 64;
-
-/// What one pass over a device's queues (or its host side) did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Pass {
-    /// Chains went to a used ring: the transport decides whether to interrupt.
-    pub used: bool,
-    /// The budget ran out with work left that no event will announce again (the ring's
-    /// notifications are off, an edge-triggered fd was not drained): serve again soon.
-    pub more: bool,
-}
-
-impl Pass {
-    pub fn used(used: bool) -> Pass {
-        Pass { used, more: false }
-    }
-}
-
-impl std::ops::BitOrAssign for Pass {
-    fn bitor_assign(&mut self, other: Pass) {
-        self.used |= other.used;
-        self.more |= other.more;
-    }
-}
-
-/// Serves the available chains of `queue` with `serve` (which returns the used length), at
-/// most [`CHAIN_BUDGET`] of them, with guest notifications off while we work and a last look
-/// after turning them back on, so a kick that raced with us is not lost. A ring the guest broke
+/// Serves every available chain of `queue` with `serve` (which returns the used length), with
+/// guest notifications off while we work and a last look after turning them back on, so a kick
+/// that raced with us is not lost. Returns whether any chain was used. A ring the guest broke
 /// after activation ends the pass quietly.
 pub fn serve_chains(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
-) -> Pass {
-    serve_chains_or_hold(queue, mem, |chain| Some(serve(chain)))
-}
-
-/// As [`serve_chains`], but `serve` may refuse a chain (`None`: no room for what it asks):
-/// the chain goes back to the ring, the pass ends, and notifications stay off, since the
-/// device itself serves the queue again once it has room.
-pub fn serve_chains_or_hold(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
-) -> Pass {
-    let mut pass = Pass::default();
-    let mut served = 0usize;
+) -> bool {
+    let mut used_any = false;
     loop {
         if queue.disable_notification(mem).is_err() {
-            return pass;
+            return used_any;
         }
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            if served == CHAIN_BUDGET {
-                // Notifications stay off: the device thread comes back without a kick.
-                queue.go_to_previous_position();
-                pass.more = true;
-                return pass;
-            }
             let head = chain.head_index();
-            let Some(len) = serve(chain) else {
-                queue.go_to_previous_position();
-                return pass;
-            };
-            served += 1;
+            let len = serve(chain);
             if queue.add_used(mem, head, len).is_err() {
-                return pass;
+                return used_any;
             }
-            pass.used = true;
+            used_any = true;
         }
         match queue.enable_notification(mem) {
             Ok(true) => continue,
-            _ => return pass,
+            _ => return used_any,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::devices::virtio::block::request::tests::{desc, mem};
-    use virtio_queue::mock::MockSplitQueue;
-
-    /// A queue holding `n` one-descriptor chains.
-    fn queue_of(m: &GuestMemoryMmap, n: u16) -> (MockSplitQueue<'_, GuestMemoryMmap>, Queue) {
-        let q = MockSplitQueue::new(m, 256);
-        let chains: Vec<_> = (0..n).map(|_| desc(0x10_0000, 16, 0)).collect();
-        q.add_desc_chains(&chains, 0).unwrap();
-        let queue = q.create_queue().unwrap();
-        (q, queue)
-    }
-
-    #[test]
-    fn a_pass_serves_at_most_the_budget_and_says_more() {
-        let m = mem();
-        let total = CHAIN_BUDGET as u16 + 10;
-        let (_q, mut queue) = queue_of(&m, total);
-        let mut served = 0usize;
-        let pass = serve_chains(&mut queue, &m, |_| {
-            served += 1;
-            0
-        });
-        assert_eq!(
-            (pass, served),
-            (
-                Pass {
-                    used: true,
-                    more: true
-                },
-                CHAIN_BUDGET
-            )
-        );
-        assert_eq!(
-            queue.next_avail(),
-            CHAIN_BUDGET as u16,
-            "the rest stay in the ring"
-        );
-        let pass = serve_chains(&mut queue, &m, |_| {
-            served += 1;
-            0
-        });
-        assert_eq!((pass, served), (Pass::used(true), usize::from(total)));
-        // Exactly the budget: no extra pass asked for.
-        let (_q, mut queue) = queue_of(&m, CHAIN_BUDGET as u16);
-        assert_eq!(serve_chains(&mut queue, &m, |_| 0), Pass::used(true));
-    }
-
-    #[test]
-    fn a_held_chain_stays_in_the_ring() {
-        let m = mem();
-        let (_q, mut queue) = queue_of(&m, 5);
-        let mut room = 2;
-        let pass = serve_chains_or_hold(&mut queue, &m, |_| {
-            (room > 0).then(|| {
-                room -= 1;
-                0
-            })
-        });
-        assert_eq!(
-            pass,
-            Pass::used(true),
-            "held, not more: the device resumes it"
-        );
-        assert_eq!(queue.next_avail(), 2);
-        serve_chains_or_hold(&mut queue, &m, |_| Some(0));
-        assert_eq!(queue.next_avail(), 5);
     }
 }

@@ -417,8 +417,6 @@ impl MmioTransport {
             status: state.status,
             activated: state.activated,
             config_generation,
-            pending_queues: 0,
-            host_pending: false,
         })
     }
 
@@ -438,14 +436,9 @@ impl MmioTransport {
         let mut used = self.device.after_restore(&mut self.queues, &self.mem);
         for index in 0..self.queues.len() {
             if self.queues[index].ready() {
-                let pass = self
+                used |= self
                     .device
                     .process_queue(index, &mut self.queues, &self.mem);
-                used |= pass.used;
-                if pass.more && index < 64 {
-                    // The device thread's first turn serves the rest.
-                    self.pending_queues |= 1 << index;
-                }
             }
         }
         if used {

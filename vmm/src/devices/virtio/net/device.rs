@@ -9,10 +9,9 @@
 //! are merged while the guest is busy (`coalesce.rs`), and a driver polling its ring (NAPI) is
 //! not interrupted.
 
-use crate::devices::timer::Timer;
-
+use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -26,9 +25,7 @@ use super::header::{NUM_BUFFERS_OFFSET, VNET_HDR_SIZE, check_tx, fit_rx};
 use super::persist::NetState;
 use super::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap};
 use crate::devices::virtio::persist::DeviceState;
-use crate::devices::virtio::{
-    CHAIN_BUDGET, Pass, VIRTIO_F_VERSION_1, VirtioDevice, read_config_space, serve_chains,
-};
+use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, read_config_space, serve_chains};
 
 pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
@@ -106,7 +103,7 @@ pub struct Net {
     mac: [u8; 6],
     epoll: Epoll,
     /// Wakes the device while a merged frame is held (see `receive`).
-    timer: Timer,
+    timer: File,
     /// The features the driver accepted (0 until it activates the device).
     features: u64,
     /// One frame's worth, reused: the frame read last from the TAP, until it is delivered or
@@ -133,7 +130,23 @@ impl Net {
     /// A NIC on `tap`, or detached with `None`.
     pub fn new(tap: Option<Tap>, mac: [u8; 6]) -> std::io::Result<Net> {
         let epoll = Epoll::new()?;
-        let timer = Timer::in_epoll(&epoll, TOKEN_TIMER)?;
+        // SAFETY: timerfd_create takes no pointers; on success we own the new descriptor.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a descriptor we just created and nothing else owns.
+        let timer = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_TIMER),
+        )?;
         let mut net = Net {
             tap: None,
             mac,
@@ -304,32 +317,20 @@ impl Net {
     /// busy with earlier frames, and one more segment in this frame costs it far less than one
     /// more frame. When it stops polling (looked at every `HOLD_RECHECK`) the frame goes at
     /// once, so an idle guest gets every frame without delay.
-    ///
-    /// At most `CHAIN_BUDGET` frames are read from the TAP and as many delivered per pass: the
-    /// TAP is the network's input, and the TAP being edge-triggered, what is left is announced
-    /// by `Pass::more` instead.
-    fn receive(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Pass {
+    fn receive(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         let Some(rx) = queues.get_mut(RX_QUEUE) else {
-            return Pass::default();
+            return false;
         };
         let mergeable = self.features & VIRTIO_NET_F_MRG_RXBUF != 0;
         let coalescing = self.coalescing();
         let mut used_any = false;
-        let mut more = false;
-        // Frames read from the TAP and frames delivered, against the budget.
-        let mut work = 0usize;
         loop {
-            if work >= CHAIN_BUDGET {
-                more = true;
-                break;
-            }
             if let Some(mut frame) = self.merged_ready.take() {
                 let delivery = deliver(&mut self.rx_chains, &mut frame, mergeable, rx, mem);
                 if delivery == Delivery::NoRoom {
                     self.merged_ready = Some(frame);
                     break;
                 }
-                work += 1;
                 used_any |= self.count(&delivery);
                 self.merge_spare = frame;
                 continue;
@@ -373,18 +374,12 @@ impl Net {
                 if delivery == Delivery::NoRoom {
                     break;
                 }
-                work += 1;
                 used_any |= self.count(&delivery);
                 self.rx_pending = None;
                 continue;
             }
-            if self.read_frame(&mut work) {
+            if self.read_frame() {
                 continue;
-            }
-            if self.tap.is_some() && self.tap_readable {
-                // The budget ran out among frames the guest cannot take.
-                more = true;
-                break;
             }
             // The TAP is empty.
             if let Some((_, since)) = &self.merged {
@@ -397,28 +392,40 @@ impl Net {
             }
             break;
         }
-        Pass {
-            used: used_any,
-            more,
-        }
+        used_any
     }
 
     /// One-shot wake-up of the device thread after `after`.
     fn arm_timer(&self, after: Duration) {
-        if let Err(e) = self.timer.set(after, Duration::ZERO) {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: timerfd_settime reads the itimerspec we own; the old value is not asked for.
+        if unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) }
+            < 0
+        {
             // Without the timer, the next TAP frame or guest kick delivers the frame instead.
-            tracing::warn!("virtio-net: cannot arm the hold timer: {e}");
+            tracing::warn!(
+                "virtio-net: cannot arm the hold timer: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 
     /// Reads the next frame the guest may take from the TAP into `rx_buf`; false when there is
-    /// none (or no TAP), or when `work` (one per frame read) reached the budget.
-    fn read_frame(&mut self, work: &mut usize) -> bool {
+    /// none (or no TAP).
+    fn read_frame(&mut self) -> bool {
         let Some(tap) = &self.tap else {
             return false;
         };
-        while self.tap_readable && *work < CHAIN_BUDGET {
-            *work += 1;
+        while self.tap_readable {
             match (&tap.file).read(&mut self.rx_buf) {
                 Ok(0) => self.tap_readable = false,
                 Ok(n) => match fit_rx(&mut self.rx_buf[..n], self.features) {
@@ -625,49 +632,38 @@ impl VirtioDevice for Net {
     }
 
     /// Returns whether the driver wants an interrupt for what was used (see `wants_interrupt`).
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Pass {
-        let mut tx = Pass::default();
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let mut tx_used = false;
         if index == TX_QUEUE
-            && let Some(queue) = queues.get_mut(TX_QUEUE)
+            && let Some(tx) = queues.get_mut(TX_QUEUE)
         {
-            tx = serve_chains(queue, mem, |chain| {
+            tx_used = serve_chains(tx, mem, |chain| {
                 self.transmit(mem, chain);
                 0
             });
         }
-        let rx = self.receive(queues, mem);
-        Pass {
-            used: (tx.used && wants_interrupt(queues.get(TX_QUEUE), mem))
-                || (rx.used && wants_interrupt(queues.get(RX_QUEUE), mem)),
-            more: tx.more || rx.more,
-        }
+        let rx_used = self.receive(queues, mem);
+        (tx_used && wants_interrupt(queues.get(TX_QUEUE), mem))
+            || (rx_used && wants_interrupt(queues.get(RX_QUEUE), mem))
     }
 
     fn host_event_fd(&self) -> Option<RawFd> {
         Some(self.epoll.as_raw_fd())
     }
 
-    fn process_host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Pass {
-        self.note_host_events();
-        let rx = self.receive(queues, mem);
-        Pass {
-            used: rx.used && wants_interrupt(queues.get(RX_QUEUE), mem),
-            more: rx.more,
-        }
-    }
-
-    /// Frames the TAP has before the driver is up wait there: the first RX kick reads them.
-    fn note_host_events(&mut self) {
+    fn process_host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         let mut events = [EpollEvent::default(); 4];
         let n = self.epoll.wait(0, &mut events).unwrap_or(0);
         for event in &events[..n] {
             if event.data() == TOKEN_TIMER {
-                // `receive` looks at the held frame.
-                self.timer.clear();
+                let mut expirations = [0u8; 8];
+                // Clears the (level-triggered) expiry; `receive` looks at the held frame.
+                let _ = (&self.timer).read(&mut expirations);
             } else {
                 self.tap_readable = true;
             }
         }
+        self.receive(queues, mem) && wants_interrupt(queues.get(RX_QUEUE), mem)
     }
 
     fn save(&self) -> DeviceState {
@@ -771,13 +767,13 @@ mod tests {
         net.rx_buf[..f.len()].copy_from_slice(&f);
         net.rx_pending = Some(f.len());
         let mut queues = [rx, q.create_queue().unwrap()];
-        assert!(!net.receive(&mut queues, &m).used);
+        assert!(!net.receive(&mut queues, &m));
         assert_eq!(net.rx_pending, Some(4000));
         assert_eq!(used_idx(&m, &q), 0);
         // The guest adds a buffer: now it fits.
         q.add_desc_chains(&[desc(0x30_0000, 1500, F_WRITE)], 2)
             .unwrap();
-        assert!(net.receive(&mut queues, &m).used);
+        assert!(net.receive(&mut queues, &m));
         assert_eq!(net.rx_pending, None);
         assert_eq!(net.metrics.rx_frames, 1);
         assert_eq!(used_idx(&m, &q), 3);
@@ -894,28 +890,6 @@ mod tests {
         assert_eq!(net.metrics.tx_dropped, 3);
     }
 
-    /// A TX flood is served `CHAIN_BUDGET` frames a pass, the device asking to come back.
-    #[test]
-    fn tx_is_served_a_budget_at_a_time() {
-        let m = mem();
-        let mut net = detached(PLAIN);
-        let f = frame(60);
-        m.write_slice(&f, GuestAddress(0x10_0000)).unwrap();
-        let tx = MockSplitQueue::create(&m, GuestAddress(0x8000), 256);
-        let flood: Vec<RawDescriptor> = (0..100)
-            .map(|_| desc(0x10_0000, f.len() as u32, 0))
-            .collect();
-        tx.add_desc_chains(&flood, 0).unwrap();
-        let rx = MockSplitQueue::create(&m, GuestAddress(0xc000), 16);
-        let mut queues = [rx.create_queue().unwrap(), tx.create_queue().unwrap()];
-        let pass = net.process_queue(TX_QUEUE, &mut queues, &m);
-        assert!(pass.more);
-        assert_eq!(net.metrics.tx_dropped, CHAIN_BUDGET as u64);
-        let pass = net.process_queue(TX_QUEUE, &mut queues, &m);
-        assert!(!pass.more);
-        assert_eq!(net.metrics.tx_dropped, 100);
-    }
-
     /// Sets or clears the driver's VIRTQ_AVAIL_F_NO_INTERRUPT on a mock queue.
     fn set_polling(m: &GuestMemoryMmap, q: &MockSplitQueue<'_, GuestMemoryMmap>, on: bool) {
         m.write_obj(u16::from(on).to_le(), q.avail_addr()).unwrap();
@@ -925,7 +899,7 @@ mod tests {
     fn arrive(net: &mut Net, queues: &mut [Queue], m: &GuestMemoryMmap, frame: &[u8]) -> bool {
         net.rx_buf[..frame.len()].copy_from_slice(frame);
         net.rx_pending = Some(frame.len());
-        net.receive(queues, m).used
+        net.receive(queues, m)
     }
 
     #[test]
@@ -946,7 +920,7 @@ mod tests {
         assert_eq!(net.metrics.rx_merged, 2);
         // The driver re-enables interrupts (its poll is done): the frame goes at once.
         set_polling(&m, &q, false);
-        assert!(net.receive(&mut queues, &m).used);
+        assert!(net.receive(&mut queues, &m));
         assert_eq!(used_idx(&m, &q), 2, "one frame over two 4 KiB buffers");
         assert_eq!(net.metrics.rx_frames, 1);
         let mut hdr = [0u8; 12];
@@ -1000,7 +974,7 @@ mod tests {
             let q = MockSplitQueue::new(&m, 16);
             q.add_desc_chains(&buffers(2, 1500), 0).unwrap();
             let mut queues = [q.create_queue().unwrap(), q.create_queue().unwrap()];
-            assert!(!net.process_host_events(&mut queues, &m).used);
+            assert!(!net.process_host_events(&mut queues, &m));
             net.reset();
             assert_eq!(net.tap_name(), Some("cocoontest0"));
         }) else {

@@ -6,7 +6,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::persist::RngState;
 use crate::devices::virtio::persist::DeviceState;
-use crate::devices::virtio::{Pass, VIRTIO_F_VERSION_1, VirtioDevice, serve_chains};
+use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, serve_chains};
 
 pub const VIRTIO_ID_RNG: u32 = 4;
 pub const QUEUE_SIZE: u16 = 64;
@@ -105,9 +105,9 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Pass {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         let Some(queue) = queues.get_mut(index) else {
-            return Pass::default();
+            return false;
         };
         serve_chains(queue, mem, |chain| self.serve(mem, chain))
     }
@@ -129,10 +129,7 @@ mod tests {
         let q = MockSplitQueue::new(m, 16);
         q.build_desc_chain(descs).unwrap();
         let mut queue: Queue = q.create_queue().unwrap();
-        assert!(
-            rng.process_queue(0, std::slice::from_mut(&mut queue), m)
-                .used
-        );
+        assert!(rng.process_queue(0, std::slice::from_mut(&mut queue), m));
         m.read_obj(q.used_addr().unchecked_add(8)).unwrap()
     }
 

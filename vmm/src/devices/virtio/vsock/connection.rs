@@ -3,9 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
 
 use super::packet::{HOST_CID, Header, MAX_PAYLOAD, TYPE_STREAM};
 
@@ -18,9 +16,6 @@ pub enum State {
     /// Host-initiated: REQUEST sent to the guest, waiting for its RESPONSE.
     AwaitingResponse,
     Established,
-    /// The host socket is done both ways and the guest has all its data: we sent SHUTDOWN
-    /// with both flags and wait for the guest's RST (virtio 1.2, 5.10.6.6).
-    Closing,
 }
 
 /// The guest broke the credit rules.
@@ -55,14 +50,6 @@ pub struct Connection {
     /// Our write side of the host socket is shut down (done once: shutting down again wakes
     /// the socket's pollers again, and edge-triggered epoll would never go quiet).
     host_write_shut: bool,
-    /// The host shut its sending side (EPOLLRDHUP): what is in the socket is all there is, and
-    /// an empty socket is the end of the stream even for a guest without credit.
-    pub host_rdhup: bool,
-    /// The host socket is done both ways (EPOLLHUP): nobody on the host reads or writes any
-    /// more, so the guest cannot keep the connection past its deadline.
-    pub host_gone: bool,
-    /// When the muxer resets the connection if nothing moved (see the timeouts in `muxer.rs`).
-    pub deadline: Option<Instant>,
 }
 
 impl Connection {
@@ -84,9 +71,6 @@ impl Connection {
             guest_done_sending: false,
             guest_closed: false,
             host_write_shut: false,
-            host_rdhup: false,
-            host_gone: false,
-            deadline: None,
         }
     }
 
@@ -159,28 +143,6 @@ impl Connection {
         self.to_host.is_empty()
     }
 
-    /// Guest bytes not yet written to the host socket.
-    pub fn to_host_len(&self) -> usize {
-        self.to_host.len()
-    }
-
-    /// Whether the host socket is at end of stream: nothing left to read and the host's
-    /// sending side shut. Asked without reading, so it needs no credit from the guest.
-    fn host_at_eof(&self) -> bool {
-        let mut byte = 0u8;
-        // SAFETY: recv(2) writes at most one byte into `byte`, which we own; MSG_PEEK leaves
-        // the socket's data in place and MSG_DONTWAIT keeps the call from blocking.
-        let n = unsafe {
-            libc::recv(
-                self.stream.as_raw_fd(),
-                (&raw mut byte).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n == 0
-    }
-
     /// Whether the guest should hear about buffer space we freed (it may be waiting for it).
     pub fn needs_credit_update(&self) -> bool {
         self.fwd_cnt.wrapping_sub(self.last_reported_fwd_cnt) >= BUF_ALLOC / 4
@@ -192,13 +154,11 @@ impl Connection {
     }
 
     /// Reads host data for the guest: at most `room` bytes and what the guest has credit for.
-    /// `Ok(None)`: nothing to read now (or no credit); `Ok(Some(empty))`: the host closed,
-    /// which the guest hears whatever its credit (a SHUTDOWN carries no data).
+    /// `Ok(None)`: nothing to read now (or no credit); `Ok(Some(empty))`: the host closed.
     pub fn read_for_guest(&mut self, room: usize) -> std::io::Result<Option<Vec<u8>>> {
         let want = room.min(self.peer_credit() as usize).min(MAX_PAYLOAD);
         if want == 0 {
-            let eof = self.host_rdhup && self.early.is_empty() && self.host_at_eof();
-            return Ok(eof.then(Vec::new));
+            return Ok(None);
         }
         if !self.early.is_empty() {
             let n = want.min(self.early.len());
