@@ -47,6 +47,9 @@ pub struct Config {
     /// At most this many MiB of host files (bind mounts' sources) are copied into a
     /// container's image; a create that would copy more fails, naming the mount.
     pub host_files_max_mib: u64,
+    /// A cached layer image no VM holds open and no `create` has used for this many hours is
+    /// removed (`cocoon gc`, and `create` at most once an hour).
+    pub layer_cache_max_age_hours: u64,
 }
 
 /// `../lib/cocoon` relative to the running binary.
@@ -72,11 +75,17 @@ impl Default for Config {
             template_dir: PathBuf::from("/var/lib/cocoon/templates"),
             seccomp: true,
             host_files_max_mib: 1024,
+            layer_cache_max_age_hours: 168,
         }
     }
 }
 
 impl Config {
+    /// How long an unused layer image stays in the cache.
+    pub fn layer_cache_max_age(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.layer_cache_max_age_hours.saturating_mul(3600))
+    }
+
     pub fn load() -> Result<Config, ConfigError> {
         let explicit = std::env::var_os("COCOON_CONFIG").map(PathBuf::from);
         let path = explicit

@@ -43,7 +43,7 @@ pub enum ImageError {
     },
 }
 
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImageError {
+pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImageError {
     let path = path.to_owned();
     move |source| ImageError::Io { what, path, source }
 }
@@ -241,6 +241,9 @@ pub fn images_for(rootfs: &Path, cache: &Path, own_dir: &Path) -> Result<Vec<Lay
         let image = cache.join(format!("{}.erofs", layer_key(lower)?));
         if !image.exists() {
             missing.push((lower.as_path(), image.clone()));
+        } else if let Err(e) = crate::layer_cache::touch(&image) {
+            // Only its age is wrong: it goes a collection early if no VM holds it.
+            tracing::warn!("{e}");
         }
         layers.push(Layer {
             image,

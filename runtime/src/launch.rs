@@ -145,6 +145,16 @@ fn settle(
     let staged = crate::host_files::stage(&mut spec, &dir.id, &staging, limit)?;
     check_disks(layer_count, staged)?;
     let layers = images::images_for(&bundle.rootfs, &config.layer_cache, &dir.path)?;
+    // This container's layers are open by none yet, but were touched just now.
+    match crate::layer_cache::collect_if_due(&config.layer_cache, config.layer_cache_max_age()) {
+        Ok(Some(done)) if !done.removed.is_empty() => tracing::debug!(
+            removed = done.removed.len(),
+            bytes = done.removed_bytes,
+            "layer cache collected"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("collecting the layer cache: {e}"),
+    }
     // Again: an empty upper layer may have gained its first file meanwhile.
     check_disks(layers.len(), staged)?;
     let host_files = if staged {

@@ -22,6 +22,7 @@ pub mod hooks;
 pub mod host_files;
 pub mod images;
 pub mod launch;
+pub mod layer_cache;
 pub mod network;
 pub mod phase;
 pub mod sandbox;

@@ -147,7 +147,15 @@ pub fn disk_name(index: usize) -> String {
 struct Channel {
     vsock_socket: PathBuf,
     client: Arc<Mutex<Option<AgentClient>>>,
+    /// How long each read or write of a request may wait (`CALL_TIMEOUT` unless set).
+    timeout: Duration,
 }
+
+/// A request that answers at once (all but `wait`) may wait this long for each read or write:
+/// an agent that never answers fails it instead of holding the caller, and the others queued
+/// behind it on the connection, for ever. Generous: a `create_container` on a loaded PVM guest
+/// takes seconds, and waits up to 30 s for a disk swapped in at restore.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,6 +170,7 @@ impl Channel {
         Channel {
             vsock_socket: vsock_socket.to_owned(),
             client: Arc::new(Mutex::new(None)),
+            timeout: CALL_TIMEOUT,
         }
     }
 
@@ -177,6 +186,9 @@ impl Channel {
             Some(client) => client,
             None => AgentClient::connect(&self.vsock_socket)?,
         };
+        client
+            .set_timeout(Some(self.timeout))
+            .map_err(Error::io("set a timeout on", &self.vsock_socket))?;
         let result = request(&mut client);
         if matches!(result, Ok(_) | Err(ClientError::Agent(_))) {
             *kept = Some(client);
@@ -482,6 +494,13 @@ impl Container {
         }
     }
 
+    /// The same handle with requests bounded by `timeout` instead of `CALL_TIMEOUT` (a verb
+    /// that has a quicker way out when the guest does not answer).
+    pub fn with_timeout(mut self, timeout: Duration) -> Container {
+        self.channel.timeout = timeout;
+        self
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -614,6 +633,45 @@ mod tests {
         let b = uuid_v4(random_bytes().unwrap());
         assert_ne!(a, b);
         assert_eq!(a.len(), 36);
+    }
+
+    /// A guest that takes connections and reads requests but never answers: each call fails
+    /// once the handle's timeout is up, and the next one comes on a new connection.
+    #[test]
+    fn a_silent_agent_fails_the_call_and_frees_the_connection() {
+        use std::io::{BufRead, Write};
+        let dir = std::env::temp_dir().join(format!("cocoon-silent-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("vsock.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(&stream)
+                    .read_line(&mut line)
+                    .unwrap();
+                stream.write_all(b"OK 1024\n").unwrap();
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(stream); // never answered, never closed
+            }
+        });
+        let container = Container::new(&socket, "c1").with_timeout(Duration::from_millis(200));
+        for attempt in 1..=2 {
+            let started = Instant::now();
+            assert!(container.signal(None, libc::SIGTERM, false).is_err());
+            assert!(started.elapsed() < Duration::from_secs(5));
+            assert_eq!(
+                accepted.load(std::sync::atomic::Ordering::SeqCst),
+                attempt,
+                "a new connection for each call"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -39,6 +39,7 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         }
         Command::Check { format } => cli::check::check(format),
         Command::Spec { bundle } => cli::spec::spec(bundle),
+        Command::Gc { max_age_hours } => cli::gc::gc(*max_age_hours),
         Command::Template { command } => cli::template::template(command),
         Command::Monitor { id, restore_from } => {
             state::check_id(id)?;

@@ -37,6 +37,44 @@ pub enum ClientError {
         request: &'static str,
         reply: &'static str,
     },
+    #[error("the agent answered {request} with {what}")]
+    Invalid { request: &'static str, what: String },
+}
+
+/// The largest pid a Linux guest can give (`PID_MAX_LIMIT`).
+const PID_MAX: i32 = 1 << 22;
+/// The highest signal number (`SIGRTMAX` on Linux).
+const SIGNAL_MAX: i32 = 64;
+
+/// A guest pid as the agent reported it: the guest is not trusted to keep to the kernel's range.
+fn checked_pid(request: &'static str, pid: i32) -> Result<i32, ClientError> {
+    if (1..=PID_MAX).contains(&pid) {
+        Ok(pid)
+    } else {
+        Err(ClientError::Invalid {
+            request,
+            what: format!("pid {pid}"),
+        })
+    }
+}
+
+/// An exit status as the agent reported it: an exit code (0-255) or a signal (1-64), one of
+/// the two. The host acts on it (the monitor exits with it, or kills itself with the signal),
+/// so nothing outside what a real process can end with passes.
+fn checked_exit(status: ExitStatus) -> Result<ExitStatus, ClientError> {
+    let valid = match (status.code, status.signal) {
+        (Some(code), None) => (0..=255).contains(&code),
+        (None, Some(signal)) => (1..=SIGNAL_MAX).contains(&signal),
+        _ => false,
+    };
+    if valid {
+        Ok(status)
+    } else {
+        Err(ClientError::Invalid {
+            request: "wait",
+            what: format!("exit code {:?} and signal {:?}", status.code, status.signal),
+        })
+    }
 }
 
 /// Opens a stream to guest `port` through the VMM's vsock socket at `uds`.
@@ -188,19 +226,22 @@ impl AgentClient {
     /// Returns the guest pid of the container's (not yet exec'd) init process.
     pub fn create_container(&mut self, create: CreateContainer) -> Result<i32, ClientError> {
         let reply = self.call(Request::CreateContainer(create))?;
-        expect_reply!(reply, "create_container", Reply::Pid(pid) => pid)
+        let pid = expect_reply!(reply, "create_container", Reply::Pid(pid) => pid)?;
+        checked_pid("create_container", pid)
     }
 
     pub fn start_container(&mut self, container_id: &str) -> Result<i32, ClientError> {
         let reply = self.call(Request::StartContainer {
             container_id: container_id.to_owned(),
         })?;
-        expect_reply!(reply, "start_container", Reply::Pid(pid) => pid)
+        let pid = expect_reply!(reply, "start_container", Reply::Pid(pid) => pid)?;
+        checked_pid("start_container", pid)
     }
 
     pub fn exec_process(&mut self, exec: ExecProcess) -> Result<i32, ClientError> {
         let reply = self.call(Request::ExecProcess(exec))?;
-        expect_reply!(reply, "exec_process", Reply::Pid(pid) => pid)
+        let pid = expect_reply!(reply, "exec_process", Reply::Pid(pid) => pid)?;
+        checked_pid("exec_process", pid)
     }
 
     pub fn signal(
@@ -228,7 +269,8 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             exec_id: exec_id.map(str::to_owned),
         })?;
-        expect_reply!(reply, "wait", Reply::Exited(status) => status)
+        let status = expect_reply!(reply, "wait", Reply::Exited(status) => status)?;
+        checked_exit(status)
     }
 
     pub fn resize_terminal(
@@ -281,7 +323,10 @@ impl AgentClient {
         let reply = self.call(Request::ListProcesses {
             container_id: container_id.to_owned(),
         })?;
-        expect_reply!(reply, "list_processes", Reply::Processes(pids) => pids)
+        let pids = expect_reply!(reply, "list_processes", Reply::Processes(pids) => pids)?;
+        pids.into_iter()
+            .map(|pid| checked_pid("list_processes", pid))
+            .collect()
     }
 
     pub fn remove_container(&mut self, container_id: &str) -> Result<(), ClientError> {
@@ -328,5 +373,63 @@ mod tests {
         assert!(matches!(err, ClientError::Frame(_)), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
         drop(theirs);
+    }
+
+    #[test]
+    fn numbers_from_the_agent_are_checked() {
+        assert_eq!(checked_pid("exec_process", 1).unwrap(), 1);
+        assert_eq!(checked_pid("exec_process", PID_MAX).unwrap(), PID_MAX);
+        for pid in [0, -1, i32::MIN, PID_MAX + 1] {
+            let err = checked_pid("exec_process", pid).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("the agent answered exec_process with pid {pid}")
+            );
+        }
+        let status = |code, signal| ExitStatus {
+            code,
+            signal,
+            oom_killed: false,
+        };
+        for ok in [
+            status(Some(0), None),
+            status(Some(255), None),
+            status(None, Some(9)),
+            status(None, Some(64)),
+        ] {
+            assert_eq!(checked_exit(ok).unwrap(), ok);
+        }
+        for bad in [
+            status(Some(256), None),
+            status(Some(-1), None),
+            status(None, Some(0)),
+            status(None, Some(65)),
+            status(None, Some(-9)),
+            status(Some(0), Some(9)),
+            status(None, None),
+        ] {
+            assert!(checked_exit(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A hostile agent's pid reaches no caller: the reply is an error.
+    #[test]
+    fn a_reply_with_a_bad_pid_is_an_error() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut client = AgentClient {
+            stream: ours,
+            next_id: 1,
+        };
+        let agent = std::thread::spawn(move || {
+            let request: RequestEnvelope = read_frame(&mut theirs).unwrap();
+            let reply = ReplyEnvelope {
+                id: request.id,
+                result: Ok(Reply::Pid(-1)),
+            };
+            write_frame(&mut theirs, &reply).unwrap();
+        });
+        let err = client.start_container("c1").unwrap_err();
+        assert!(matches!(err, ClientError::Invalid { .. }), "{err}");
+        agent.join().unwrap();
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use super::Global;
 use crate::cli::create::run_poststop_hooks;
 use crate::error::CliError;
-use crate::state::{ContainerDir, Status, monitor_alive, status};
+use crate::state::{ContainerDir, Record, Status, monitor_alive, status};
 
 pub fn delete(global: &Global, id: &str, force: bool) -> Result<(), CliError> {
     let dir = match ContainerDir::open(&global.root, id) {
@@ -24,21 +24,7 @@ pub fn delete(global: &Global, id: &str, force: bool) -> Result<(), CliError> {
     if matches!(current, Status::Running | Status::Paused) && !force {
         return Err(CliError::NotStopped(id.into(), current.name()));
     }
-    if monitor_alive(&record) {
-        // The monitor is the VM: killing it stops the guest and everything in it.
-        // SAFETY: kill(2) on the pid the record names, checked to be our monitor just above.
-        unsafe { libc::kill(record.pid, libc::SIGKILL) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while monitor_alive(&record) {
-            if Instant::now() > deadline {
-                return Err(CliError::Other(format!(
-                    "container {id}'s process {} did not die",
-                    record.pid
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    end_monitor(id, &record)?;
     // The VM is gone, and its TAPs with it: the engine's interfaces lose their mirroring.
     let network_file = dir.path.join(cocoon_runtime::network::NETWORK_FILE);
     if let Ok(record) =
@@ -51,5 +37,26 @@ pub fn delete(global: &Global, id: &str, force: bool) -> Result<(), CliError> {
     dir.remove()?;
     // As runc: once the container and its state are gone.
     run_poststop_hooks(&record);
+    Ok(())
+}
+
+/// Ends the container's monitor, and so its VM and everything in it, whatever the guest does;
+/// returns once it is gone.
+pub fn end_monitor(id: &str, record: &Record) -> Result<(), CliError> {
+    if !monitor_alive(record) {
+        return Ok(());
+    }
+    // SAFETY: kill(2) on the pid the record names, checked to be our monitor just above.
+    unsafe { libc::kill(record.pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while monitor_alive(record) {
+        if Instant::now() > deadline {
+            return Err(CliError::Other(format!(
+                "container {id}'s process {} did not die",
+                record.pid
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod delete;
 pub mod events;
 pub mod exec;
 pub mod features;
+pub mod gc;
 pub mod kill;
 pub mod list;
 pub mod pause;
@@ -268,6 +269,12 @@ pub enum Command {
     Template {
         #[command(subcommand)]
         command: template::TemplateCommand,
+    },
+    /// Remove cached layer images that no VM holds open and no container has used lately.
+    Gc {
+        /// Remove those unused for this many hours (default: `layer_cache_max_age_hours`).
+        #[arg(long, value_name = "HOURS")]
+        max_age_hours: Option<u64>,
     },
     /// Write a default config.json to the bundle directory.
     Spec {

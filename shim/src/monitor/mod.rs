@@ -186,9 +186,52 @@ fn forward_signals(
     }
 }
 
-/// Exits as the process did: with its code, or killed by its signal.
+/// Signals whose default action stops a process: one the guest reports is never raised here,
+/// since the monitor would stop and its engine wait for ever.
+const STOPPING: [i32; 4] = [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU];
+/// Signals whose default action dumps core: raised without a dump (the monitor's memory is the
+/// host's, not the guest's to have written to disk).
+const CORE_DUMPING: [i32; 10] = [
+    libc::SIGQUIT,
+    libc::SIGILL,
+    libc::SIGTRAP,
+    libc::SIGABRT,
+    libc::SIGBUS,
+    libc::SIGFPE,
+    libc::SIGSEGV,
+    libc::SIGXCPU,
+    libc::SIGXFSZ,
+    libc::SIGSYS,
+];
+
+/// Whether the monitor may end itself with `signal` to pass on how the process ended: a real
+/// signal, and not one that would stop the monitor instead.
+fn may_raise(signal: i32) -> bool {
+    (1..=64).contains(&signal) && !STOPPING.contains(&signal)
+}
+
+/// Exits as the process did: with its code, or killed by its signal. The status comes from the
+/// guest: a signal the monitor must not take is reported the way a shell does, 128 + signal.
 fn exit_like(status: ExitStatus) -> ! {
     if let Some(signal) = status.signal {
+        if !may_raise(signal) {
+            std::process::exit(if (1..=64).contains(&signal) {
+                128 + signal
+            } else {
+                255
+            });
+        }
+        if CORE_DUMPING.contains(&signal) {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: setrlimit reads the rlimit we own; prctl takes no pointers.
+            unsafe {
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+            }
+        }
         // SAFETY: restore the default action and unblock the signal, then deliver it to ourselves.
         unsafe {
             libc::signal(signal, libc::SIG_DFL);
@@ -232,4 +275,60 @@ pub fn read_report(report: File) -> Result<(), CliError> {
 /// Writes `status` to `path` for `state` and `delete` to find.
 fn record_exit(path: &Path, status: &ExitStatus) {
     let _ = crate::state::write_atomically(path, &serde_json::to_vec(status).unwrap_or_default());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How a child that ends with `exit_like(status)` looks to its parent (the engine).
+    fn ended_like(status: ExitStatus) -> i32 {
+        // SAFETY: the child only calls exit_like, which exits or kills itself.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            exit_like(status);
+        }
+        let mut wstatus = 0;
+        // SAFETY: waits for the child we just forked; WUNTRACED reports a stop, too.
+        let waited = unsafe { libc::waitpid(pid, &mut wstatus, libc::WUNTRACED) };
+        assert_eq!(waited, pid);
+        if libc::WIFSTOPPED(wstatus) {
+            // SAFETY: ends the stopped child before the test fails.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: reaps it.
+            unsafe { libc::waitpid(pid, &mut wstatus, 0) };
+            panic!("the monitor stopped");
+        }
+        wstatus
+    }
+
+    fn killed_by(signal: i32) -> ExitStatus {
+        ExitStatus {
+            code: None,
+            signal: Some(signal),
+            oom_killed: false,
+        }
+    }
+
+    #[test]
+    fn a_guest_signal_ends_the_monitor_alike_but_never_stops_it_or_dumps_its_core() {
+        let w = ended_like(killed_by(libc::SIGTERM));
+        assert!(libc::WIFSIGNALED(w) && libc::WTERMSIG(w) == libc::SIGTERM);
+        let w = ended_like(killed_by(libc::SIGSEGV));
+        assert!(libc::WIFSIGNALED(w) && libc::WTERMSIG(w) == libc::SIGSEGV);
+        assert!(!libc::WCOREDUMP(w), "no core of the monitor");
+        let w = ended_like(killed_by(libc::SIGSTOP));
+        assert!(libc::WIFEXITED(w) && libc::WEXITSTATUS(w) == 128 + libc::SIGSTOP);
+        let w = ended_like(killed_by(libc::SIGTSTP));
+        assert!(libc::WIFEXITED(w) && libc::WEXITSTATUS(w) == 128 + libc::SIGTSTP);
+        let w = ended_like(killed_by(1000));
+        assert!(libc::WIFEXITED(w) && libc::WEXITSTATUS(w) == 255);
+        let w = ended_like(ExitStatus {
+            code: Some(3),
+            signal: None,
+            oom_killed: false,
+        });
+        assert!(libc::WIFEXITED(w) && libc::WEXITSTATUS(w) == 3);
+    }
 }
