@@ -332,7 +332,8 @@ impl Sandbox {
                 // hello is bounded, the caller's deadline is not passed by much.
                 let left = timeout.saturating_sub(started.elapsed());
                 let bounded = client.set_timeout(Some(left.clamp(HELLO_MIN, HELLO_MAX)));
-                if bounded.is_ok() && client.hello().is_ok() && client.set_timeout(None).is_ok() {
+                // The kept connection gets `CALL_TIMEOUT` for what follows (`Channel::call`).
+                if bounded.is_ok() && client.hello().is_ok() {
                     self.channel.keep(client);
                     return Ok(());
                 }

@@ -204,22 +204,15 @@ const CORE_DUMPING: [i32; 10] = [
     libc::SIGSYS,
 ];
 
-/// Whether the monitor may end itself with `signal` to pass on how the process ended: a real
-/// signal, and not one that would stop the monitor instead.
-fn may_raise(signal: i32) -> bool {
-    (1..=64).contains(&signal) && !STOPPING.contains(&signal)
-}
-
 /// Exits as the process did: with its code, or killed by its signal. The status comes from the
 /// guest: a signal the monitor must not take is reported the way a shell does, 128 + signal.
 fn exit_like(status: ExitStatus) -> ! {
     if let Some(signal) = status.signal {
-        if !may_raise(signal) {
-            std::process::exit(if (1..=64).contains(&signal) {
-                128 + signal
-            } else {
-                255
-            });
+        if !(1..=64).contains(&signal) {
+            std::process::exit(255);
+        }
+        if STOPPING.contains(&signal) {
+            std::process::exit(128 + signal);
         }
         if CORE_DUMPING.contains(&signal) {
             let none = libc::rlimit {
