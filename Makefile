@@ -96,6 +96,7 @@ bench: kernel initramfs rootfs debian-image vmm cocoon
 	python3 bench/snapshot.py
 	python3 bench/runtime.py
 	python3 bench/template.py
+	python3 bench/concurrency.py
 
 # Install like a runtime: the binaries in $(PREFIX)/bin, the kernel and initramfs where the
 # runtime looks beside its binary ($(PREFIX)/lib/cocoon). No configuration is written: engines

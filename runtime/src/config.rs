@@ -35,8 +35,20 @@ pub struct Config {
     pub default_cpus: u8,
     /// Where EROFS images of image layers are cached, shared by all containers.
     pub layer_cache: PathBuf,
-    /// Seconds to wait for the guest agent to answer after the VM starts.
-    pub boot_timeout_secs: u64,
+    /// vCPU seconds a guest may spend without giving what is awaited of it (its agent's
+    /// first answer after a boot, a reply): a wait on the guest is judged by its progress,
+    /// not by the wall clock (see `progress.rs`).
+    pub guest_cpu_budget_secs: u64,
+    /// Seconds a guest may do nothing at all (no vCPU running or waiting to run) while
+    /// something is awaited of it.
+    pub guest_idle_secs: u64,
+    /// vCPUs of VMs that are starting, per host core, beyond which a start waits its turn
+    /// (see `admission.rs`); 0: no limit.
+    pub admission_vcpus_per_core: u32,
+    /// How long a start waits for its turn before it fails; 0: it fails at once.
+    pub admission_wait_secs: u64,
+    /// Memory that must stay free beside a new VM's, or its start fails.
+    pub admission_memory_reserve_mib: u64,
     /// Start sandboxes by restoring a template (a snapshot of a booted VM) instead of booting.
     pub templates: bool,
     /// Where templates are kept, shared by all containers.
@@ -70,7 +82,11 @@ impl Default for Config {
             memory_overhead_mib: 64,
             default_cpus: 1,
             layer_cache: PathBuf::from("/var/lib/cocoon/layers"),
-            boot_timeout_secs: 180,
+            guest_cpu_budget_secs: crate::progress::DEFAULT_CPU_BUDGET_SECS,
+            guest_idle_secs: crate::progress::DEFAULT_IDLE_SECS,
+            admission_vcpus_per_core: 2,
+            admission_wait_secs: 900,
+            admission_memory_reserve_mib: 256,
             templates: true,
             template_dir: PathBuf::from("/var/lib/cocoon/templates"),
             seccomp: true,
@@ -84,6 +100,14 @@ impl Config {
     /// How long an unused layer image stays in the cache.
     pub fn layer_cache_max_age(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.layer_cache_max_age_hours.saturating_mul(3600))
+    }
+
+    /// How long waits on a guest go on without progress.
+    pub fn guest_limits(&self) -> crate::progress::GuestLimits {
+        crate::progress::GuestLimits {
+            cpu_budget: std::time::Duration::from_secs(self.guest_cpu_budget_secs),
+            idle: std::time::Duration::from_secs(self.guest_idle_secs),
+        }
     }
 
     pub fn load() -> Result<Config, ConfigError> {

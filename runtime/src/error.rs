@@ -51,8 +51,10 @@ pub enum Error {
     EndedWhileBooting(cocoon_vmm::lifecycle::ExitReason),
     #[error("the microVM stopped: {0}")]
     VmEnded(cocoon_vmm::lifecycle::ExitReason),
-    #[error("the guest agent did not answer within {0} s")]
-    AgentTimeout(u64),
+    #[error("{0}")]
+    Admission(String),
+    #[error("the guest agent did not answer: {0}")]
+    GuestStuck(crate::progress::Stuck),
     #[error("{0}")]
     Stdio(#[from] crate::stdio::StdioError),
     #[error("{0}")]
@@ -96,7 +98,7 @@ impl Error {
     pub fn is_load_failure(&self) -> bool {
         matches!(
             self,
-            Error::Snapshot(_) | Error::EndedWhileBooting(_) | Error::AgentTimeout(_)
+            Error::Snapshot(_) | Error::EndedWhileBooting(_) | Error::GuestStuck(_)
         )
     }
 

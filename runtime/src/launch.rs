@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::{Bundle, vm_size};
 use crate::config::Config;
 use crate::error::Error;
+use crate::progress::GuestLimits;
 use crate::sandbox::StartPlan;
 use crate::state::{ContainerDir, Record, process_start_time, rfc3339, write_atomically};
 use crate::{hooks, images};
@@ -45,7 +46,9 @@ pub struct Launch {
     pub memory_mib: u64,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    pub boot_timeout_secs: u64,
+    /// How long waits on the guest go on without progress (the config's, at create).
+    #[serde(default)]
+    pub guest_limits: GuestLimits,
     /// The config's `seccomp` when the container was created.
     #[serde(default = "jailed")]
     pub seccomp: bool,
@@ -175,7 +178,7 @@ fn settle(
         memory_mib,
         kernel: config.kernel.clone(),
         initrd: config.initrd.clone(),
-        boot_timeout_secs: config.boot_timeout_secs,
+        guest_limits: config.guest_limits(),
         seccomp: config.seccomp,
         start: start_plan(&bundle.spec, config, request.no_template),
     })

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use cocoon_agent_protocol::client::{AgentClient, ClientError};
+use cocoon_agent_protocol::client::{AgentClient, ClientError, Patience};
 use cocoon_agent_protocol::message::{
     ContainerStats, CreateContainer, ExecProcess, ExitStatus, GuestCounters, GuestSetup,
     NetworkSetup,
@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::launch::Launch;
+use crate::progress::{GuestLimits, Probe, Watch};
 use crate::template::{Template, TemplateSpec, Templates};
 
 /// How a sandbox's VM comes up.
@@ -37,9 +38,11 @@ pub enum StartPlan {
 /// The guest context id: each VM has its own vsock device, so every guest can use the same.
 const GUEST_CID: u64 = 3;
 /// How long one hello may take while waiting for the agent. A loaded guest answers in a couple
-/// of seconds; one that has not after this long is asked again on a new connection.
-const HELLO_MAX: Duration = Duration::from_secs(10);
-const HELLO_MIN: Duration = Duration::from_secs(1);
+/// of seconds; one that has not after this long is asked again on a new connection (a
+/// restored guest may have reset the first one under its agent).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the wait for an agent that has not marked itself up knocks all the same.
+const UNMARKED_KNOCK: Duration = Duration::from_secs(5);
 
 /// What one sandbox's VM is made of.
 #[derive(Debug, Clone)]
@@ -52,7 +55,8 @@ pub struct SandboxConfig {
     pub disks: Vec<PathBuf>,
     /// The VMM's host-side vsock socket.
     pub vsock_socket: PathBuf,
-    pub boot_timeout: Duration,
+    /// How long waits on the guest go on without progress.
+    pub limits: GuestLimits,
     /// The TAPs of the VM's NICs, in order (see `network::carry`).
     pub taps: Vec<Arc<OwnedFd>>,
     /// How many NICs the VM has: one per TAP, and detached ones after them (a template's
@@ -79,7 +83,7 @@ impl SandboxConfig {
                 .cloned()
                 .collect(),
             vsock_socket: vsock_socket.to_owned(),
-            boot_timeout: Duration::from_secs(launch.boot_timeout_secs),
+            limits: launch.guest_limits,
             taps: taps.to_vec(),
             // A new, empty namespace may get the engine's interfaces after `create` (Docker's
             // prestart hook puts them there): a cold-booted VM keeps a NIC for them.
@@ -147,15 +151,18 @@ pub fn disk_name(index: usize) -> String {
 struct Channel {
     vsock_socket: PathBuf,
     client: Arc<Mutex<Option<AgentClient>>>,
-    /// How long each read or write of a request may wait (`CALL_TIMEOUT` unless set).
-    timeout: Duration,
+    /// A reply is awaited for as long as the guest makes progress by these limits...
+    limits: GuestLimits,
+    /// ...or, when set, for this long (a verb with a quicker way out).
+    timeout: Option<Duration>,
 }
 
-/// A request that answers at once (all but `wait`) may wait this long for each read or write:
-/// an agent that never answers fails it instead of holding the caller, and the others queued
-/// behind it on the connection, for ever. Generous: a `create_container` on a loaded PVM guest
-/// takes seconds, and waits up to 30 s for a disk swapped in at restore.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request that answers at once (all but `wait`) is awaited for as long as the guest makes
+/// progress (an agent that never answers fails it instead of holding the caller, and the
+/// others queued behind it on the connection, for ever). Once its reply begins to arrive, or
+/// while it is written, each read or write may take this long: a frame comes whole unless the
+/// guest is hostile.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,12 +173,27 @@ impl std::fmt::Debug for Channel {
 }
 
 impl Channel {
-    fn new(vsock_socket: &Path) -> Channel {
+    fn new(vsock_socket: &Path, limits: GuestLimits) -> Channel {
         Channel {
             vsock_socket: vsock_socket.to_owned(),
             client: Arc::new(Mutex::new(None)),
-            timeout: CALL_TIMEOUT,
+            limits,
+            timeout: None,
         }
+    }
+
+    /// How this call waits for its reply: the handle's timeout, or the guest's progress (its
+    /// VMM is the process serving the socket). Without the VMM's pid, the frame timeout.
+    fn pace(&self, client: &mut AgentClient) -> std::io::Result<()> {
+        let patience = match self.timeout {
+            Some(_) => None,
+            None => client.vmm_pid().map(|pid| {
+                let mut watch = Watch::new(Probe::of_process(pid), self.limits);
+                Box::new(move || watch.check().map_err(|stuck| stuck.to_string())) as Patience
+            }),
+        };
+        client.set_patience(patience);
+        client.set_timeout(Some(self.timeout.unwrap_or(FRAME_TIMEOUT)))
     }
 
     /// Runs `request` on the kept connection (made first if there is none). A connection that
@@ -186,8 +208,7 @@ impl Channel {
             Some(client) => client,
             None => AgentClient::connect(&self.vsock_socket)?,
         };
-        client
-            .set_timeout(Some(self.timeout))
+        self.pace(&mut client)
             .map_err(Error::io("set a timeout on", &self.vsock_socket))?;
         let result = request(&mut client);
         if matches!(result, Ok(_) | Err(ClientError::Agent(_))) {
@@ -220,11 +241,11 @@ impl Sandbox {
         let sandbox = Sandbox {
             vm: Arc::new(vm),
             vsock_socket: config.vsock_socket.clone(),
-            channel: Channel::new(&config.vsock_socket),
+            channel: Channel::new(&config.vsock_socket, config.limits),
         };
         sandbox.vm.resume()?;
         crate::phase::phase(phase);
-        if let Err(e) = sandbox.wait_for_agent(config.boot_timeout) {
+        if let Err(e) = sandbox.wait_for_agent(config.limits) {
             sandbox.vm.stop();
             return Err(e);
         }
@@ -273,7 +294,7 @@ impl Sandbox {
         let spec = TemplateSpec::for_sandbox(config)?;
         let mut retried = false;
         loop {
-            let template = templates.ensure(&spec, config.boot_timeout)?;
+            let template = templates.ensure(&spec, config.limits)?;
             crate::phase::phase("template ready");
             match Sandbox::from_template(config, &template) {
                 Err(e) if !retried && e.is_load_failure() => {
@@ -321,34 +342,36 @@ impl Sandbox {
         Ok(self.vm.snapshot(dir)?)
     }
 
-    fn wait_for_agent(&self, timeout: Duration) -> Result<(), Error> {
+    /// Waits for the agent's first answer for as long as the guest makes progress (this
+    /// process is its VMM): a slow boot on a loaded host completes, a stuck one ends.
+    fn wait_for_agent(&self, limits: GuestLimits) -> Result<(), Error> {
         let started = Instant::now();
+        let mut watch = Watch::new(Probe::of_process(std::process::id() as i32), limits);
+        let mut last_knock = Duration::ZERO;
         loop {
             if let Some(reason) = self.vm.try_wait() {
                 return Err(Error::EndedWhileBooting(reason));
             }
-            if let Ok(mut client) = AgentClient::connect(&self.vsock_socket) {
-                // An agent that took the connection but does not answer gets a new one: the
-                // hello is bounded, the caller's deadline is not passed by much.
-                let left = timeout.saturating_sub(started.elapsed());
-                let bounded = client.set_timeout(Some(left.clamp(HELLO_MIN, HELLO_MAX)));
-                // The kept connection gets `CALL_TIMEOUT` for what follows (`Channel::call`).
+            watch.check().map_err(Error::GuestStuck)?;
+            // The agent marks itself up (the guest status page) as it starts to listen; until
+            // then a knock would only make the guest refuse it, in emulated kernel code that
+            // passes for progress. A knock now and then all the same, should the mark be lost.
+            let marked = self.vm.lifecycle().agent_up().is_some();
+            let knock = marked || started.elapsed() >= last_knock + UNMARKED_KNOCK;
+            if knock && let Ok(mut client) = AgentClient::connect(&self.vsock_socket) {
+                // An agent that took the connection but does not answer gets a new one.
+                let bounded = client.set_timeout(Some(HELLO_TIMEOUT));
                 if bounded.is_ok() && client.hello().is_ok() {
                     self.channel.keep(client);
                     return Ok(());
                 }
             }
-            let waited = started.elapsed();
-            if waited > timeout {
-                return Err(Error::AgentTimeout(timeout.as_secs()));
+            if knock {
+                last_knock = started.elapsed();
             }
-            // A restored agent answers within a second: ask often then, and less often
-            // through a boot.
-            let pause = if waited < Duration::from_secs(2) {
-                5
-            } else {
-                50
-            };
+            // A restored agent answers the first knock; a booting one that has marked itself
+            // up listens soon after, and each refused knock costs it work.
+            let pause = if marked { 200 } else { 20 };
             std::thread::sleep(Duration::from_millis(pause));
         }
     }
@@ -490,15 +513,22 @@ impl Container {
     /// A handle of its own (another process than the sandbox's holder, say).
     pub fn new(vsock_socket: &Path, id: &str) -> Container {
         Container {
-            channel: Channel::new(vsock_socket),
+            channel: Channel::new(vsock_socket, GuestLimits::default()),
             id: id.to_owned(),
         }
     }
 
-    /// The same handle with requests bounded by `timeout` instead of `CALL_TIMEOUT` (a verb
-    /// that has a quicker way out when the guest does not answer).
+    /// The same handle with replies awaited as long as the guest makes progress by `limits`
+    /// (the defaults unless set).
+    pub fn with_limits(mut self, limits: GuestLimits) -> Container {
+        self.channel.limits = limits;
+        self
+    }
+
+    /// The same handle with requests bounded by `timeout`, whatever the guest's progress (a
+    /// verb that has a quicker way out when the guest does not answer).
     pub fn with_timeout(mut self, timeout: Duration) -> Container {
-        self.channel.timeout = timeout;
+        self.channel.timeout = Some(timeout);
         self
     }
 

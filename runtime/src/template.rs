@@ -17,13 +17,14 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cocoon_agent_protocol::boot_check::Fnv1a64;
 use cocoon_vmm::snapshot::FileIdentity;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::progress::GuestLimits;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::state::{lock_file, read_json, rfc3339, write_atomically};
 
@@ -201,7 +202,7 @@ impl Templates {
 
     /// The template for `spec`, made first if there is none. Concurrent callers make it once:
     /// the first takes the lock and makes it, the others wait for the lock and find it.
-    pub fn ensure(&self, spec: &TemplateSpec, boot_timeout: Duration) -> Result<Template, Error> {
+    pub fn ensure(&self, spec: &TemplateSpec, limits: GuestLimits) -> Result<Template, Error> {
         let inputs = spec.inputs()?;
         let name = inputs.name();
         if let Some(template) = self.complete(&name) {
@@ -211,16 +212,16 @@ impl Templates {
         if let Some(template) = self.complete(&name) {
             return Ok(template);
         }
-        self.make(spec, inputs, &name, boot_timeout)
+        self.make(spec, inputs, &name, limits)
     }
 
     /// Makes the template for `spec` anew, replacing one that exists.
-    pub fn create(&self, spec: &TemplateSpec, boot_timeout: Duration) -> Result<Template, Error> {
+    pub fn create(&self, spec: &TemplateSpec, limits: GuestLimits) -> Result<Template, Error> {
         let inputs = spec.inputs()?;
         let name = inputs.name();
         let _lock = self.lock(&name)?;
         self.remove_locked(&name)?;
-        self.make(spec, inputs, &name, boot_timeout)
+        self.make(spec, inputs, &name, limits)
     }
 
     /// Every complete template, oldest first.
@@ -298,11 +299,11 @@ impl Templates {
         spec: &TemplateSpec,
         inputs: Inputs,
         name: &str,
-        boot_timeout: Duration,
+        limits: GuestLimits,
     ) -> Result<Template, Error> {
         self.remove_leftovers(name);
         let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let result = self.make_in(&tmp, spec, inputs, name, boot_timeout);
+        let result = self.make_in(&tmp, spec, inputs, name, limits);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
@@ -322,7 +323,7 @@ impl Templates {
         spec: &TemplateSpec,
         inputs: Inputs,
         name: &str,
-        boot_timeout: Duration,
+        limits: GuestLimits,
     ) -> Result<TemplateInfo, Error> {
         std::fs::create_dir_all(tmp).map_err(Error::io("create", tmp))?;
         let slots = slot_paths(tmp, spec.slots);
@@ -337,7 +338,7 @@ impl Templates {
             memory_mib: spec.memory_mib,
             disks: slots,
             vsock_socket: tmp.join("vsock.sock"),
-            boot_timeout,
+            limits,
             taps: Vec::new(),
             nic_slots: spec.nics,
         })?;
@@ -470,7 +471,7 @@ mod tests {
             memory_mib: 256,
             disks: vec![PathBuf::from("/d"); n],
             vsock_socket: "/s".into(),
-            boot_timeout: Duration::from_secs(1),
+            limits: GuestLimits::default(),
             taps: Vec::new(),
             nic_slots: 0,
         };

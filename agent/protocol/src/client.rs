@@ -2,6 +2,7 @@
 //! (`CONNECT <port>\n`, answered by `OK <host port>\n`; see docs/vsock.md).
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,7 +40,19 @@ pub enum ClientError {
     },
     #[error("the agent answered {request} with {what}")]
     Invalid { request: &'static str, what: String },
+    #[error("the guest agent did not answer: {0}")]
+    NoProgress(String),
+    #[error("waiting for the agent's reply: {0}")]
+    Poll(std::io::Error),
 }
+
+/// Judges, while a reply is awaited, whether the guest may still give it: called about every
+/// [`PATIENCE_SLICE`] with no reply yet; `Err(why)` gives up the call. Made afresh for each
+/// call (see [`AgentClient::set_patience`]).
+pub type Patience = Box<dyn FnMut() -> Result<(), String> + Send>;
+
+/// How often a call with [`Patience`] asks it while no reply has come.
+pub const PATIENCE_SLICE: Duration = Duration::from_millis(250);
 
 /// The largest pid a Linux guest can give (`PID_MAX_LIMIT`).
 const PID_MAX: i32 = 1 << 22;
@@ -134,6 +147,7 @@ pub fn attach_stdio(
 pub struct AgentClient {
     stream: UnixStream,
     next_id: u64,
+    patience: Option<Patience>,
 }
 
 macro_rules! expect_reply {
@@ -165,10 +179,38 @@ impl Reply {
 
 impl AgentClient {
     pub fn connect(uds: &Path) -> Result<AgentClient, ClientError> {
-        Ok(AgentClient {
-            stream: connect_guest_port(uds, CONTROL_PORT)?,
+        Ok(AgentClient::over(connect_guest_port(uds, CONTROL_PORT)?))
+    }
+
+    /// A client on a stream already connected to the agent's control port.
+    fn over(stream: UnixStream) -> AgentClient {
+        AgentClient {
+            stream,
             next_id: 1,
-        })
+            patience: None,
+        }
+    }
+
+    /// The pid of the process that serves the VM's vsock socket (the VMM: the guest's
+    /// progress is measured on its threads).
+    pub fn vmm_pid(&self) -> Option<i32> {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: SO_PEERCRED writes one ucred, of the size given, into `cred`.
+        let got = unsafe {
+            libc::getsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&raw mut cred).cast(),
+                &mut len,
+            )
+        };
+        (got == 0 && cred.pid > 0).then_some(cred.pid)
     }
 
     /// Waits up to `timeout` for the agent to accept connections (the VMM's socket appears
@@ -199,6 +241,7 @@ impl AgentClient {
                 request,
             },
         )?;
+        self.await_reply()?;
         let reply: ReplyEnvelope = read_frame(&mut self.stream)?;
         if reply.id != id {
             return Err(ClientError::WrongId {
@@ -346,6 +389,41 @@ impl AgentClient {
         self.stream.set_write_timeout(timeout)
     }
 
+    /// Has the next calls, until set again, wait for their reply for as long as `patience`
+    /// allows (instead of the read timeout alone, which then bounds only a reply that has
+    /// begun to arrive). `None`: the read timeout alone.
+    pub fn set_patience(&mut self, patience: Option<Patience>) {
+        self.patience = patience;
+    }
+
+    /// Returns once the reply has begun to arrive (or the connection failed: the read says
+    /// how), asking the patience, if any, between slices of waiting.
+    fn await_reply(&mut self) -> Result<(), ClientError> {
+        let Some(patience) = self.patience.as_mut() else {
+            return Ok(());
+        };
+        let slice = PATIENCE_SLICE.as_millis() as libc::c_int;
+        loop {
+            let mut poll = libc::pollfd {
+                fd: self.stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, valid for the call; the fd is the stream's own.
+            let ready = unsafe { libc::poll(&mut poll, 1, slice) };
+            if ready > 0 {
+                return Ok(());
+            }
+            if ready < 0 {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(ClientError::Poll(error));
+                }
+            }
+            patience().map_err(ClientError::NoProgress)?;
+        }
+    }
+
     /// The raw stream, for tests that send malformed frames.
     pub fn stream(&mut self) -> &mut UnixStream {
         &mut self.stream
@@ -361,10 +439,7 @@ mod tests {
     #[test]
     fn a_call_to_an_agent_that_never_answers_times_out() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let mut client = AgentClient {
-            stream: ours,
-            next_id: 1,
-        };
+        let mut client = AgentClient::over(ours);
         client
             .set_timeout(Some(Duration::from_millis(200)))
             .unwrap();
@@ -412,14 +487,56 @@ mod tests {
         }
     }
 
+    /// With patience, a reply may come after the read timeout (a slow guest), and the call
+    /// gives up when the patience says so, with its reason (a guest making no progress).
+    #[test]
+    fn patience_decides_how_long_a_reply_is_awaited() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut client = AgentClient::over(ours);
+        client
+            .set_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        client.set_patience(Some(Box::new(|| Ok(()))));
+        let agent = std::thread::spawn(move || {
+            let request: RequestEnvelope = read_frame(&mut theirs).unwrap();
+            std::thread::sleep(Duration::from_millis(700));
+            let reply = ReplyEnvelope {
+                id: request.id,
+                result: Ok(Reply::Done),
+            };
+            write_frame(&mut theirs, &reply).unwrap();
+            theirs
+        });
+        client.signal("c1", None, 15, false).unwrap();
+        let _theirs = agent.join().unwrap();
+
+        let mut asked = 0;
+        client.set_patience(Some(Box::new(move || {
+            asked += 1;
+            if asked < 4 {
+                Ok(())
+            } else {
+                Err(format!("asked {asked} times"))
+            }
+        })));
+        let started = std::time::Instant::now();
+        let err = client.signal("c1", None, 15, false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the guest agent did not answer: asked 4 times"
+        );
+        assert!(
+            started.elapsed() >= PATIENCE_SLICE * 3,
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
     /// A hostile agent's pid reaches no caller: the reply is an error.
     #[test]
     fn a_reply_with_a_bad_pid_is_an_error() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
-        let mut client = AgentClient {
-            stream: ours,
-            next_id: 1,
-        };
+        let mut client = AgentClient::over(ours);
         let agent = std::thread::spawn(move || {
             let request: RequestEnvelope = read_frame(&mut theirs).unwrap();
             let reply = ReplyEnvelope {

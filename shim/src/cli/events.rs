@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use clap::Args;
 use cocoon_agent_protocol::message::ContainerStats;
-use cocoon_runtime::Container;
 use serde::Serialize;
 
 use super::Global;
@@ -46,7 +45,7 @@ pub fn events(global: &Global, args: &EventsArgs) -> Result<(), CliError> {
         Status::Paused => return Err(CliError::Paused(id.into())),
         Status::Created | Status::Running => {}
     }
-    let container = Container::new(&path.join(VSOCK_SOCKET), id);
+    let container = crate::cli::container_at(&path.join(VSOCK_SOCKET), id);
     if args.stats {
         print(&stats_event(id, &container.stats()?));
         return Ok(());

@@ -1,6 +1,5 @@
 //! `cocoon kill`: a signal to the container's init, or with `--all` to all its processes.
 
-use cocoon_runtime::Container;
 use cocoon_runtime::control::{self, Request};
 
 use std::time::Duration;
@@ -27,7 +26,8 @@ pub fn kill(global: &Global, id: &str, signal: &str, all: bool) -> Result<(), Cl
             &Request::Signal { signal, all },
         )?),
         Status::Created | Status::Running => {
-            let container = Container::new(&dir.file(VSOCK_SOCKET), id).with_timeout(KILL_TIMEOUT);
+            let container =
+                crate::cli::container_at(&dir.file(VSOCK_SOCKET), id).with_timeout(KILL_TIMEOUT);
             match container.signal(None, signal, all) {
                 Ok(()) => Ok(()),
                 // SIGKILL cannot be refused: a guest that does not take it has its VM ended,

@@ -294,6 +294,16 @@ pub enum Command {
     ExecMonitor { id: String, exec_id: String },
 }
 
+/// A handle on container `id` through its VM's vsock socket, whose replies are awaited for as
+/// long as the guest makes progress by the config's limits (`guest_cpu_budget_secs`,
+/// `guest_idle_secs`).
+pub fn container_at(vsock_socket: &std::path::Path, id: &str) -> cocoon_runtime::Container {
+    let limits = cocoon_runtime::config::Config::load()
+        .map(|config| config.guest_limits())
+        .unwrap_or_default();
+    cocoon_runtime::Container::new(vsock_socket, id).with_limits(limits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,5 @@
 //! `cocoon ps`: the container's processes, as guest pids (they live in the VM's kernel).
 
-use cocoon_runtime::Container;
-
 use super::Global;
 use crate::error::CliError;
 use crate::state::{ContainerDir, Status, VSOCK_SOCKET, status};
@@ -15,7 +13,7 @@ pub fn ps(global: &Global, id: &str, format: &str) -> Result<(), CliError> {
         Status::Paused => return Err(CliError::Paused(id.into())),
         Status::Created | Status::Running => {}
     }
-    let pids = Container::new(&dir.file(VSOCK_SOCKET), id).processes()?;
+    let pids = crate::cli::container_at(&dir.file(VSOCK_SOCKET), id).processes()?;
     match format {
         "json" => println!("{}", serde_json::to_string(&pids).unwrap_or_default()),
         "table" => {

@@ -1,6 +1,5 @@
 //! `cocoon start`: let a created container's process exec, then run the poststart hooks.
 
-use cocoon_runtime::Container;
 use cocoon_runtime::control::{self, Request};
 use cocoon_runtime::launch::Launch;
 use cocoon_runtime::network;
@@ -29,7 +28,7 @@ pub fn start(global: &Global, id: &str) -> Result<(), CliError> {
     if network::netns_of(&launch.spec) == network::SpecNetns::New {
         control::call(&dir.file(CONTROL_SOCKET), &Request::CarryNetwork)?;
     }
-    Container::new(&dir.file(VSOCK_SOCKET), id).start()?;
+    crate::cli::container_at(&dir.file(VSOCK_SOCKET), id).start()?;
     record.started = true;
     dir.write(&record)?;
     // The state as it is now: a process that exits at once is already stopped. Unlocked, so a

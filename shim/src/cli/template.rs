@@ -2,8 +2,6 @@
 //! `cocoon_runtime::template`). `create` makes them on first use anyway; making one ahead
 //! takes the boot off the first container's start.
 
-use std::time::Duration;
-
 use clap::{Args, Subcommand};
 
 use cocoon_runtime::config::Config;
@@ -73,8 +71,7 @@ pub fn template(command: &TemplateCommand) -> Result<(), CliError> {
                 nics: args.nics,
             };
             cocoon_vmm::jail::set_seccomp(config.seccomp);
-            let template =
-                templates.create(&spec, Duration::from_secs(config.boot_timeout_secs))?;
+            let template = templates.create(&spec, config.guest_limits())?;
             println!("{}", template.info.name);
             Ok(())
         }

@@ -6,7 +6,6 @@
 use std::io::Read;
 
 use clap::Args;
-use cocoon_runtime::Container;
 use oci_spec::runtime::{LinuxCpu, LinuxMemory, LinuxPids, LinuxResources};
 
 use super::Global;
@@ -58,7 +57,7 @@ pub fn update(global: &Global, args: &UpdateArgs) -> Result<(), CliError> {
         // The agent answers only while the vCPUs run.
         Status::Paused => Err(CliError::Paused(args.id.clone())),
         Status::Created | Status::Running => {
-            Container::new(&dir.file(VSOCK_SOCKET), &args.id).update(&resources)
+            crate::cli::container_at(&dir.file(VSOCK_SOCKET), &args.id).update(&resources)
         }
     }
 }

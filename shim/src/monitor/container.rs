@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use oci_spec::runtime::ContainerState;
 
 use cocoon_agent_protocol::message::CreateContainer;
-use cocoon_runtime::checkpoint;
+use cocoon_runtime::config::Config;
 use cocoon_runtime::control::{self, Reply, Request};
 use cocoon_runtime::launch::Launch;
 use cocoon_runtime::network;
 use cocoon_runtime::sandbox::disk_name;
 use cocoon_runtime::{Container, Sandbox, SandboxConfig};
+use cocoon_runtime::{admission, checkpoint};
 
 use super::{
     SignalSink, Target, block_forwarded_signals, exit_like, record_exit, report, wait_and_forward,
@@ -42,7 +43,7 @@ pub fn run(
 ) -> ! {
     let set = block_forwarded_signals();
     let mut report_to = report_to;
-    let container = Container::new(&dir.join(VSOCK_SOCKET), id);
+    let container = crate::cli::container_at(&dir.join(VSOCK_SOCKET), id);
     // Under `run` the record, written before we started, is what the hooks are told.
     let record = match start.then(|| read_record(dir)).transpose() {
         Ok(record) => record,
@@ -151,6 +152,7 @@ fn open_restored(
     }
     let launch = Launch::read_for_vm(dir)?;
     let network = Network::carry(dir, &launch)?;
+    let _turn = admit(&launch)?;
     crate::logging::phase("vm restoring");
     let sandbox = Sandbox::restore(
         &SandboxConfig::for_launch(&launch, container.vsock_socket(), &network.carried.taps),
@@ -168,10 +170,20 @@ fn open_restored(
     Ok((sandbox, Stdio::detached()))
 }
 
+/// Waits for the host to have room for this VM's start (see `admission.rs`).
+fn admit(launch: &Launch) -> Result<admission::Ticket, CliError> {
+    let policy = admission::Policy::from_config(&Config::load()?);
+    let turn = admission::admit(&policy, launch.cpus, launch.memory_mib)?;
+    crate::logging::phase("admitted");
+    Ok(turn)
+}
+
 /// The sandbox booted, the guest named, stdio attached, the container created.
 fn open(dir: &Path, container: &Container) -> Result<(Sandbox, Stdio), CliError> {
     let launch = Launch::read_for_vm(dir)?;
     let network = Network::carry(dir, &launch)?;
+    // Held until the container is created: that is the start the host must carry.
+    let _turn = admit(&launch)?;
     crate::logging::phase("vm starting");
     let sandbox = Sandbox::start(
         &SandboxConfig::for_launch(&launch, container.vsock_socket(), &network.carried.taps),

@@ -32,7 +32,7 @@ pub fn run(dir: &Path, id: &str, launch: ExecLaunch, report_to: Option<File>) ->
     let set = block_forwarded_signals();
     let mut report_to = report_to;
     let target = Target {
-        container: Container::new(&dir.join(VSOCK_SOCKET), id),
+        container: crate::cli::container_at(&dir.join(VSOCK_SOCKET), id),
         exec_id: Some(launch.exec_id.clone()),
     };
     let result = start(&target.container, &launch);
