@@ -86,6 +86,10 @@ pub fn collect(cache: &Path, max_age: Duration, now: SystemTime) -> Result<Colle
 /// Collects `cache` unless that was done less than `COLLECT_EVERY` ago (by anyone: the stamp
 /// is shared). Returns `None` when it was not time yet.
 pub fn collect_if_due(cache: &Path, max_age: Duration) -> Result<Option<Collected>, ImageError> {
+    // A cache not made yet (the first create on a host) has nothing to collect.
+    if !cache.is_dir() {
+        return Ok(None);
+    }
     let stamp = cache.join(STAMP);
     let now = SystemTime::now();
     let last = std::fs::metadata(&stamp).and_then(|m| m.modified()).ok();
