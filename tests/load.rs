@@ -112,11 +112,14 @@ fn four_runs_at_once_all_succeed() {
         .iter()
         .filter(|log| log_of(log).contains("waiting for a turn"))
         .count();
-    assert!(
-        waited >= 1,
-        "four 1-vCPU starts on a host that admits {} at once: some wait",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
+    // One vCPU may start per core: on a host with fewer cores than runs, some must wait.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < codes.len() {
+        assert!(
+            waited >= 1,
+            "four 1-vCPU starts on a host that admits {cores} at once: some wait"
+        );
+    }
     for code in codes {
         cocoon.ok(&["delete", &format!("run-{code}")]);
     }

@@ -49,6 +49,10 @@ pub struct Config {
     pub admission_wait_secs: u64,
     /// Memory that must stay free beside a new VM's, or its start fails.
     pub admission_memory_reserve_mib: u64,
+    /// No longer used: waits on a guest are judged by its progress (`guest_cpu_budget_secs`,
+    /// `guest_idle_secs`). Accepted so that a config written for an older cocoon still loads;
+    /// `load` warns.
+    pub boot_timeout_secs: Option<u64>,
     /// Start sandboxes by restoring a template (a snapshot of a booted VM) instead of booting.
     pub templates: bool,
     /// Where templates are kept, shared by all containers.
@@ -87,6 +91,7 @@ impl Default for Config {
             admission_vcpus_per_core: 2,
             admission_wait_secs: 900,
             admission_memory_reserve_mib: 256,
+            boot_timeout_secs: None,
             templates: true,
             template_dir: PathBuf::from("/var/lib/cocoon/templates"),
             seccomp: true,
@@ -123,6 +128,13 @@ impl Config {
             }
             Err(e) => return Err(ConfigError::Read(path, e)),
         };
+        if config.boot_timeout_secs.is_some() {
+            tracing::warn!(
+                "{}: boot_timeout_secs is ignored: waits on a guest are judged by its progress \
+                 (guest_cpu_budget_secs, guest_idle_secs; docs/cli.md)",
+                path.display()
+            );
+        }
         if let Some(kernel) = std::env::var_os("COCOON_KERNEL") {
             config.kernel = kernel.into();
         }
@@ -151,6 +163,14 @@ mod tests {
         assert_eq!(c.default_memory_mib, 512);
         assert_eq!(c.kernel, Path::new("/k"));
         assert_eq!(c.default_cpus, Config::default().default_cpus);
+    }
+
+    /// A config written for an older cocoon still loads.
+    #[test]
+    fn the_old_boot_timeout_is_accepted() {
+        let c = Config::parse(Path::new("t"), "boot_timeout_secs = 180\n").unwrap();
+        assert_eq!(c.boot_timeout_secs, Some(180));
+        assert_eq!(c.guest_limits(), Config::default().guest_limits());
     }
 
     #[test]
