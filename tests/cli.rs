@@ -717,6 +717,12 @@ fn checkpoint_and_restore_keep_a_running_process_going() {
     assert!(later > after, "the restored process does not run: {later}");
     let ps: Vec<i32> = serde_json::from_str(&cocoon.ok(&["ps", "--format", "json", "k1"])).unwrap();
     assert!(!ps.is_empty(), "{ps:?}");
-    cocoon.ok(&["delete", "--force", "k1"]);
+    // kill KILL returns with the process the engine waits on gone (Podman's `rm --force
+    // --time 0` gives it 5 s more, then fails), however slowly the guest reports the exit.
+    let pid = cocoon.state("k1")["pid"].as_i64().unwrap() as i32;
+    cocoon.ok(&["kill", "k1", "KILL"]);
+    assert!(!alive(pid), "the monitor outlived kill KILL");
+    assert_eq!(cocoon.state("k1")["status"], "stopped");
+    cocoon.ok(&["delete", "k1"]);
     assert!(cocoon.containers().is_empty());
 }

@@ -206,7 +206,7 @@ impl Channel {
         let mut kept = self.client.lock().unwrap_or_else(|p| p.into_inner());
         let mut client = match kept.take() {
             Some(client) => client,
-            None => AgentClient::connect(&self.vsock_socket)?,
+            None => AgentClient::connect_within(&self.vsock_socket, self.timeout)?,
         };
         self.pace(&mut client)
             .map_err(Error::io("set a timeout on", &self.vsock_socket))?;
@@ -702,6 +702,27 @@ mod tests {
                 "a new connection for each call"
             );
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A guest that never accepts the connection (the VMM holds it pending): a call with a
+    /// timeout fails in that time, as `kill ID KILL` relies on.
+    #[test]
+    fn a_connection_the_guest_never_accepts_fails_in_time() {
+        let dir = std::env::temp_dir().join(format!("cocoon-pending-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("vsock.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        std::thread::spawn(move || {
+            // Read nothing, answer nothing, close nothing.
+            let held: Vec<_> = listener.incoming().collect();
+            drop(held);
+        });
+        let container = Container::new(&socket, "c1").with_timeout(Duration::from_millis(200));
+        let started = Instant::now();
+        assert!(container.signal(None, libc::SIGKILL, false).is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -92,11 +92,22 @@ fn checked_exit(status: ExitStatus) -> Result<ExitStatus, ClientError> {
 
 /// Opens a stream to guest `port` through the VMM's vsock socket at `uds`.
 pub fn connect_guest_port(uds: &Path, port: u32) -> Result<UnixStream, ClientError> {
+    connect_guest_port_within(uds, port, None)
+}
+
+/// As [`connect_guest_port`], with the guest's answer to the connection awaited at most
+/// `limit` (the VMM holds a connection until the guest accepts or refuses it).
+pub fn connect_guest_port_within(
+    uds: &Path,
+    port: u32,
+    limit: Option<Duration>,
+) -> Result<UnixStream, ClientError> {
     let connect_error = |source| ClientError::Connect {
         path: uds.to_owned(),
         source,
     };
     let mut stream = connect_unix(uds).map_err(connect_error)?;
+    stream.set_read_timeout(limit).map_err(connect_error)?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(connect_error)?;
@@ -114,6 +125,7 @@ pub fn connect_guest_port(uds: &Path, port: u32) -> Result<UnixStream, ClientErr
         }
     }
     if line.starts_with(b"OK ") {
+        stream.set_read_timeout(None).map_err(connect_error)?;
         Ok(stream)
     } else {
         Err(ClientError::Refused(port))
@@ -179,7 +191,16 @@ impl Reply {
 
 impl AgentClient {
     pub fn connect(uds: &Path) -> Result<AgentClient, ClientError> {
-        Ok(AgentClient::over(connect_guest_port(uds, CONTROL_PORT)?))
+        AgentClient::connect_within(uds, None)
+    }
+
+    /// A client whose connection the guest must accept within `limit`.
+    pub fn connect_within(uds: &Path, limit: Option<Duration>) -> Result<AgentClient, ClientError> {
+        Ok(AgentClient::over(connect_guest_port_within(
+            uds,
+            CONTROL_PORT,
+            limit,
+        )?))
     }
 
     /// A client on a stream already connected to the agent's control port.

@@ -2,17 +2,24 @@
 
 use cocoon_runtime::control::{self, Request};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Global;
 use super::delete::end_monitor;
 use crate::error::CliError;
-use crate::state::{CONTROL_SOCKET, ContainerDir, Status, VSOCK_SOCKET, status};
+use crate::state::{
+    CONTROL_SOCKET, ContainerDir, Record, Status, VSOCK_SOCKET, monitor_alive, status,
+};
 
-/// How long the guest has to take a signal. A loaded guest answers in a second or two; the
-/// engine's own kill timeout is longer, so a SIGKILL that falls back to ending the VM still
-/// returns in time.
+/// How long the guest has to take a signal. A loaded guest answers in a second or two.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// SIGKILL is bounded on the host side: engines wait only a few seconds after `kill` returns
+/// for the container's process to be gone (Podman's `rm --force --time 0` gives it 5 s), and
+/// on a loaded host the guest may take longer than that to report its init's death. The
+/// guest gets this long to take the signal and as long again for the monitor to see the exit
+/// (and forward the last output); then the VM is ended from the host.
+const SIGKILL_GRACE: Duration = Duration::from_secs(2);
 
 pub fn kill(global: &Global, id: &str, signal: &str, all: bool) -> Result<(), CliError> {
     let signal = crate::signal::parse(signal)?;
@@ -25,21 +32,36 @@ pub fn kill(global: &Global, id: &str, signal: &str, all: bool) -> Result<(), Cl
             &dir.file(CONTROL_SOCKET),
             &Request::Signal { signal, all },
         )?),
-        Status::Created | Status::Running => {
-            let container =
-                crate::cli::container_at(&dir.file(VSOCK_SOCKET), id).with_timeout(KILL_TIMEOUT);
-            match container.signal(None, signal, all) {
-                Ok(()) => Ok(()),
-                // SIGKILL cannot be refused: a guest that does not take it has its VM ended,
-                // which ends the container as surely.
-                Err(e) if signal == libc::SIGKILL => {
-                    tracing::warn!(
-                        "container {id}: the guest did not take SIGKILL ({e}); ending its VM"
-                    );
-                    end_monitor(id, &record)
-                }
-                Err(e) => Err(e),
+        Status::Created | Status::Running if signal == libc::SIGKILL => {
+            sigkill(&dir, id, &record, all)
+        }
+        Status::Created | Status::Running => crate::cli::container_at(&dir.file(VSOCK_SOCKET), id)
+            .with_timeout(KILL_TIMEOUT)
+            .signal(None, signal, all),
+    }
+}
+
+/// SIGKILL cannot be refused: whatever the guest does, the container's monitor (the process
+/// the engine waits on) is gone when this returns, and its exit status says SIGKILL.
+fn sigkill(dir: &ContainerDir, id: &str, record: &Record, all: bool) -> Result<(), CliError> {
+    let container =
+        crate::cli::container_at(&dir.file(VSOCK_SOCKET), id).with_timeout(SIGKILL_GRACE);
+    match container.signal(None, libc::SIGKILL, all) {
+        Ok(()) => {
+            let deadline = Instant::now() + SIGKILL_GRACE;
+            while monitor_alive(record) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if monitor_alive(record) {
+                tracing::info!(
+                    "container {id}: the guest took SIGKILL but has not reported the exit; \
+                     ending its VM"
+                );
             }
         }
+        Err(e) => {
+            tracing::warn!("container {id}: the guest did not take SIGKILL ({e}); ending its VM")
+        }
     }
+    end_monitor(id, record)
 }
