@@ -26,7 +26,7 @@ export COCOON_DEBIAN_ROOTFS := $(BUILD)/debian/rootfs
 export COCOON_DEBIAN_OCI_IMAGE := $(BUILD)/debian-oci.tar
 export COCOON_DEBIAN_DOCKER_IMAGE := $(BUILD)/debian-docker.tar
 
-.PHONY: all deps kernel agent initramfs rootfs debian-image vmm cocoon demo test bench lint clean \
+.PHONY: all deps kernel agent initramfs rootfs debian-image vmm cocoon demo test bench soak lint clean \
 	install uninstall
 
 all: kernel initramfs rootfs vmm cocoon
@@ -97,6 +97,12 @@ bench: kernel initramfs rootfs debian-image vmm cocoon
 	python3 bench/runtime.py
 	python3 bench/template.py
 	python3 bench/concurrency.py
+
+# Not in CI (it takes long): CYCLES create/start/delete cycles, PARALLEL at once, then nothing
+# may be left behind (bench/soak.py).
+SOAK_ARGS ?= --cycles 200 --parallel 8
+soak: kernel initramfs rootfs vmm cocoon
+	python3 bench/soak.py $(SOAK_ARGS)
 
 # Install like a runtime: the binaries in $(PREFIX)/bin, the kernel and initramfs where the
 # runtime looks beside its binary ($(PREFIX)/lib/cocoon). No configuration is written: engines

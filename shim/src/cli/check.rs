@@ -416,6 +416,7 @@ mod tests {
         let missing = boot_file("k", Path::new("/nonexistent/vmlinux"), ELF_MAGIC, "ELF");
         assert_eq!(missing.status, Status::Fail);
         assert!(missing.detail.contains("cannot read /nonexistent/vmlinux"));
+        let _ = std::fs::remove_dir_all(elf.parent().unwrap());
     }
 
     #[test]

@@ -564,12 +564,21 @@ mod tests {
 
     const CID: u64 = 3;
 
-    fn muxer(name: &str) -> (Muxer, PathBuf) {
+    /// A test's scratch directory, removed when the test ends (passed or not).
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn muxer(name: &str) -> (Muxer, PathBuf, Scratch) {
         let dir = std::env::temp_dir().join(format!("cocoon-vsock-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("v.sock");
-        (Muxer::new(CID, &path).unwrap(), path)
+        (Muxer::new(CID, &path).unwrap(), path, Scratch(dir))
     }
 
     fn settle(m: &mut Muxer) {
@@ -584,7 +593,7 @@ mod tests {
     #[test]
     fn clients_of_an_ended_vm_see_the_end() {
         use std::io::Read;
-        let (mut m, path) = muxer("ended");
+        let (mut m, path, _scratch) = muxer("ended");
         let mut waiting = UnixStream::connect(&path).unwrap();
         settle(&mut m);
         let mut queued = UnixStream::connect(&path).unwrap();
@@ -647,7 +656,7 @@ mod tests {
 
     #[test]
     fn host_connect_becomes_request_then_ok() {
-        let (mut m, path) = muxer("hostconn");
+        let (mut m, path, _scratch) = muxer("hostconn");
         let mut client = UnixStream::connect(&path).unwrap();
         client.write_all(b"CONNECT 5000\n").unwrap();
         settle(&mut m);
@@ -697,7 +706,7 @@ mod tests {
 
     #[test]
     fn refused_host_connect_closes_the_client() {
-        let (mut m, path) = muxer("refused");
+        let (mut m, path, _scratch) = muxer("refused");
         let mut client = UnixStream::connect(&path).unwrap();
         client.write_all(b"CONNECT 9\n").unwrap();
         settle(&mut m);
@@ -719,7 +728,7 @@ mod tests {
 
     #[test]
     fn garbage_instead_of_connect_is_dropped() {
-        let (mut m, path) = muxer("garbage");
+        let (mut m, path, _scratch) = muxer("garbage");
         let mut client = UnixStream::connect(&path).unwrap();
         client.write_all(&[b'A'; 100]).unwrap();
         settle(&mut m);
@@ -731,7 +740,7 @@ mod tests {
 
     #[test]
     fn guest_connect_reaches_path_port_or_is_reset() {
-        let (mut m, path) = muxer("guestconn");
+        let (mut m, path, _scratch) = muxer("guestconn");
         // Nobody listens on PATH_7000.
         m.handle_guest_packet(
             Header {
@@ -779,7 +788,7 @@ mod tests {
 
     #[test]
     fn hostile_guest_packets_do_no_harm() {
-        let (mut m, _path) = muxer("hostile");
+        let (mut m, _path, _scratch) = muxer("hostile");
         // Wrong source CID or destination: dropped silently.
         m.handle_guest_packet(
             Header {
