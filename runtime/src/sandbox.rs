@@ -714,15 +714,22 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("vsock.sock");
         let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let (accepted, was_accepted) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            // Read nothing, answer nothing, close nothing.
-            let held: Vec<_> = listener.incoming().collect();
-            drop(held);
+            // Accept, then read nothing, answer nothing, close nothing: the CONNECT handshake
+            // stays pending as it does in a guest whose vsock driver is not up.
+            let mut held = Vec::new();
+            for stream in listener.incoming() {
+                held.push(stream);
+                let _ = accepted.send(());
+            }
         });
         let container = Container::new(&socket, "c1").with_timeout(Duration::from_millis(200));
         let started = Instant::now();
         assert!(container.signal(None, libc::SIGKILL, false).is_err());
         assert!(started.elapsed() < Duration::from_secs(5));
+        // The call failed on the pending handshake, not on a refused connection.
+        assert!(was_accepted.try_recv().is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
