@@ -434,6 +434,32 @@ fn containers_live_and_die_like_runc_containers() {
         .parse()
         .unwrap();
     assert!(alive(exec_pid));
+    // A detached exec whose pid file cannot be written fails, and its process, already
+    // running in the guest, goes: nobody would ever wait for it.
+    // (Counted by command line: the container's init keeps starting short-lived children.)
+    let sleepers = || {
+        cocoon
+            .ok(&["exec", "c1", "ps", "-o", "args"])
+            .lines()
+            .filter(|l| l.trim() == "sleep 600")
+            .count()
+    };
+    let before = sleepers();
+    let err = cocoon.fails(&[
+        "exec",
+        "--process",
+        process.to_str().unwrap(),
+        "--detach",
+        "--pid-file",
+        "/nonexistent/exec.pid",
+        "c1",
+    ]);
+    assert!(err.contains("/nonexistent/"), "{err}");
+    assert!(
+        within(30, || sleepers() == before),
+        "the abandoned exec still runs: {} sleepers, {before} before",
+        sleepers()
+    );
 
     // pause and resume: the vCPUs stop, so a counter in the guest stands still, then goes on.
     let counter = scratch.path("counter.json");
@@ -629,6 +655,141 @@ fn a_failing_prestart_hook_fails_create_and_leaves_nothing() {
             .fails(&["state", "h1"])
             .contains("container h1 does not exist")
     );
+}
+
+/// The children of `pid` (from /proc/*/stat's ppid field).
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let ppid = stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?;
+                    ppid.parse::<i32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// Polls `done` every 100 ms for up to `secs`.
+fn within(secs: u64, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    done()
+}
+
+/// An engine may kill `create` at any point (a timeout, a cancelled pod). Until `create` has
+/// recorded its monitor nobody else knows of that VM, so it must go with `create`: killed
+/// while the VM boots, and killed later, while a prestart hook runs (the monitor has reported
+/// the container created but was not yet confirmed). Either way `state` and `delete --force`
+/// then work and leave nothing.
+#[test]
+fn a_create_killed_at_any_point_leaves_no_vm_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if artifacts_or_skip("cli-create-killed").is_none() {
+        return;
+    }
+    let Some(bin) = cocoon_binary() else { return };
+    let scratch = Scratch::new("cli-create-killed");
+    let cocoon = Cocoon {
+        bin,
+        root: scratch.path("root"),
+        config: None,
+    };
+    let b = bundle(&scratch.path("bundle"), &["sleep", "600"]);
+    let kill = |pid: i32| {
+        // SAFETY: kill(2) on a process this test started or found as that one's child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    };
+
+    // Mid-boot: the monitor exists, has not reported yet.
+    let mut create = cocoon
+        .command(&["create", "--bundle", b.to_str().unwrap(), "boot"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run cocoon create");
+    let create_pid = create.id() as i32;
+    let mut monitor = None;
+    assert!(
+        within(30, || {
+            monitor = children(create_pid).first().copied();
+            monitor.is_some()
+        }),
+        "create started no monitor"
+    );
+    let monitor = monitor.unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(alive(monitor), "the monitor is still booting");
+    kill(create_pid);
+    create.wait().unwrap();
+    assert!(
+        within(10, || !alive(monitor)),
+        "the monitor {monitor} (and its VM) outlived the killed create"
+    );
+    cocoon.ok(&["delete", "--force", "boot"]);
+    assert!(cocoon.containers().is_empty(), "{:?}", cocoon.containers());
+
+    // Reported, not confirmed: a prestart hook holds `create`.
+    let hook_pid = scratch.path("hook.pid");
+    let log = scratch.path("hook.log");
+    let hang = scratch.path("hang.sh");
+    std::fs::write(
+        &hang,
+        format!(
+            "#!/bin/sh\nIFS= read -r state || true\necho $$ > {}\nprintf 'prestart %s\\n' \"$state\" > {}\nexec sleep 600\n",
+            hook_pid.display(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hang, std::fs::Permissions::from_mode(0o755)).unwrap();
+    add_hooks(
+        &b,
+        serde_json::json!({ "prestart": [{ "path": hang, "args": ["hang.sh"] }] }),
+    );
+    let mut create = cocoon
+        .command(&["create", "--bundle", b.to_str().unwrap(), "hooked"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run cocoon create");
+    assert!(
+        within(300, || !hook_log(&log).is_empty()),
+        "the prestart hook never ran"
+    );
+    let monitor = hook_log(&log)[0]
+        .2
+        .expect("the hook is told the monitor's pid") as i32;
+    assert!(alive(monitor));
+    kill(create.id() as i32);
+    create.wait().unwrap();
+    let hook: i32 = std::fs::read_to_string(&hook_pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kill(hook);
+    assert!(
+        within(10, || !alive(monitor)),
+        "the unconfirmed monitor {monitor} (and its VM) outlived the killed create"
+    );
+    assert_eq!(cocoon.state("hooked")["status"], "stopped");
+    cocoon.ok(&["delete", "--force", "hooked"]);
+    assert!(cocoon.containers().is_empty(), "{:?}", cocoon.containers());
 }
 
 #[test]

@@ -44,7 +44,7 @@ fn dispatch(cli: &Cli) -> Result<(), CliError> {
         Command::Monitor { id, restore_from } => {
             state::check_id(id)?;
             let dir = global.root.join(id);
-            let report = monitor::report_file();
+            let report = monitor::report_channel();
             monitor::container::run(&dir, id, report, false, restore_from.as_deref())
         }
         Command::Checkpoint(args) => cli::checkpoint::checkpoint(global, args),

@@ -8,7 +8,7 @@
 use cocoon_runtime::control::{self, Request};
 
 use super::{CheckpointArgs, Global, RestoreArgs};
-use crate::cli::create::{prepare, record, spawn_monitor, stop_monitor, write_pid_file};
+use crate::cli::create::{prepare, record, spawn_monitor, write_pid_file};
 use crate::error::CliError;
 use crate::state::{CONTROL_SOCKET, ContainerDir, Status, status};
 
@@ -41,22 +41,28 @@ pub fn restore(global: &Global, args: &RestoreArgs) -> Result<(), CliError> {
     let mut restore_from = std::ffi::OsString::from("--restore-from=");
     restore_from.push(&image);
     if args.detach {
-        let pid = match spawn_monitor(global, "monitor", &[restore_from], &[&id]) {
-            Ok(pid) => pid,
+        let monitor = match spawn_monitor(global, "monitor", &[restore_from], &[&id]) {
+            Ok(monitor) => monitor,
             Err(e) => {
                 let _ = dir.remove();
                 return Err(e);
             }
         };
+        let pid = monitor.pid;
         let result = dir
             .write(&record(&dir, &bundle, pid, true))
             .and_then(|()| write_pid_file(args.create.pid_file.as_deref(), pid));
-        if let Err(e) = result {
-            stop_monitor(pid);
+        let result = match result {
+            Ok(()) => monitor.confirm().map(drop),
+            Err(e) => {
+                monitor.stop();
+                Err(e)
+            }
+        };
+        if result.is_err() {
             let _ = dir.remove();
-            return Err(e);
         }
-        return Ok(());
+        return result;
     }
     let pid = std::process::id() as i32;
     if let Err(e) = dir

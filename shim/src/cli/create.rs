@@ -2,8 +2,9 @@
 //! The process that runs the VM (the monitor) is what `--pid-file` names.
 
 use std::ffi::OsString;
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -16,7 +17,7 @@ use cocoon_runtime::launch::{self, CreateRequest};
 use super::{CreateArgs, Global};
 use crate::error::CliError;
 use crate::hooks::{self, Stage};
-use crate::monitor::{REPORT_FD, read_report};
+use crate::monitor::{CONFIRM, REPORT_FD, read_report};
 use crate::state::{ContainerDir, Record, write_atomically_mode};
 
 /// Everything before the monitor starts (see `launch::prepare`).
@@ -73,39 +74,73 @@ fn monitor_args(global: &Global, verb: &str, options: &[OsString], ids: &[&str])
     args
 }
 
+/// A monitor this verb started that has reported its process created. It dies with this
+/// process until [`Monitor::confirm`]: call that once the engine can know of it (state
+/// written, pid file given); on failure before, [`Monitor::stop`] it.
+pub struct Monitor {
+    pub pid: i32,
+    channel: UnixStream,
+}
+
+impl Monitor {
+    /// Lets the monitor go on for good; returns its pid.
+    pub fn confirm(mut self) -> Result<i32, CliError> {
+        self.channel.write_all(&[CONFIRM]).map_err(|e| {
+            stop_monitor(self.pid);
+            CliError::Other(format!("the monitor ended before it was confirmed: {e}"))
+        })?;
+        Ok(self.pid)
+    }
+
+    /// Kills the monitor, which ends its VM, and reaps it.
+    pub fn stop(self) {
+        stop_monitor(self.pid);
+    }
+
+    /// Tells the monitor it will not be confirmed, so it ends what it started itself (an exec
+    /// monitor kills its process in the guest), and reaps it.
+    pub fn abandon(self) {
+        drop(self.channel);
+        // SAFETY: waitpid(2) on our own child, not yet reaped.
+        unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
+    }
+}
+
 /// Starts `cocoon VERB OPTIONS -- IDS` as a monitor in a session of its own and waits until it
-/// reports its process created. Returns the monitor's pid.
+/// reports its process created.
 pub fn spawn_monitor(
     global: &Global,
     verb: &str,
     options: &[OsString],
     ids: &[&str],
-) -> Result<i32, CliError> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid out-array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(CliError::Other(format!(
-            "pipe: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: pipe2 returned two new fds that nothing else owns.
-    let (report_read, report_write) =
-        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-    let write_fd = report_write.as_raw_fd();
+) -> Result<Monitor, CliError> {
+    let (channel, theirs) =
+        UnixStream::pair().map_err(|e| CliError::Other(format!("socketpair: {e}")))?;
+    let their_fd = theirs.as_raw_fd();
     let exe = std::env::current_exe().map_err(CliError::io("find", "/proc/self/exe"))?;
+    // SAFETY: getpid(2) has no preconditions.
+    let parent = unsafe { libc::getpid() };
     let mut command = Command::new(exe);
     command
         .args(monitor_args(global, verb, options, ids))
         .env("COCOON_REPORT_FD", REPORT_FD.to_string());
-    // SAFETY: between fork and exec only async-signal-safe calls: setsid, dup2, fcntl.
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid, prctl, getppid,
+    // dup2, fcntl.
     unsafe {
         command.pre_exec(move || {
             // A session of its own: the engine's terminal signals do not reach it directly.
             libc::setsid();
-            if write_fd == REPORT_FD {
+            // Until confirmed, the monitor dies with us (a `create` killed mid-boot must not
+            // leave a VM nobody knows of); if we are already gone, it does not start.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            if their_fd == REPORT_FD {
                 libc::fcntl(REPORT_FD, libc::F_SETFD, 0);
-            } else if libc::dup2(write_fd, REPORT_FD) < 0 {
+            } else if libc::dup2(their_fd, REPORT_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -114,19 +149,22 @@ pub fn spawn_monitor(
     let child = command
         .spawn()
         .map_err(|e| CliError::Other(format!("start the monitor: {e}")))?;
-    drop(report_write);
-    let pid = child.id() as i32;
-    match read_report(report_read) {
-        Ok(()) => Ok(pid),
+    drop(theirs);
+    let monitor = Monitor {
+        pid: child.id() as i32,
+        channel,
+    };
+    match read_report(&monitor.channel) {
+        Ok(()) => Ok(monitor),
         Err(e) => {
-            stop_monitor(pid);
+            monitor.stop();
             Err(e)
         }
     }
 }
 
 /// Kills a monitor this process started, which ends its VM, and reaps it.
-pub fn stop_monitor(pid: i32) {
+fn stop_monitor(pid: i32) {
     // SAFETY: kill(2) and waitpid(2) on our own child, not yet reaped, so the pid is still it.
     unsafe {
         libc::kill(pid, libc::SIGKILL);
@@ -155,13 +193,14 @@ pub fn run_poststop_hooks(record: &Record) {
 
 pub fn create(global: &Global, args: &CreateArgs) -> Result<(), CliError> {
     let (dir, bundle) = prepare(global, args)?;
-    let pid = match spawn_monitor(global, "monitor", &[], &[&dir.id]) {
-        Ok(pid) => pid,
+    let monitor = match spawn_monitor(global, "monitor", &[], &[&dir.id]) {
+        Ok(monitor) => monitor,
         Err(e) => {
             let _ = dir.remove();
             return Err(e);
         }
     };
+    let pid = monitor.pid;
     let record = record(&dir, &bundle, pid, false);
     let mut hooks_ran = false;
     let result = dir
@@ -171,9 +210,17 @@ pub fn create(global: &Global, args: &CreateArgs) -> Result<(), CliError> {
             run_create_hooks(&dir, &record)
         })
         .and_then(|()| write_pid_file(args.pid_file.as_deref(), pid));
+    // Confirmed last: until then a monitor dies with us, so a create killed at any point
+    // leaves no VM behind.
+    let result = match result {
+        Ok(()) => monitor.confirm().map(drop),
+        Err(e) => {
+            monitor.stop();
+            Err(e)
+        }
+    };
     if let Err(e) = result {
-        // Nothing stays: the VM goes with its monitor, the state with the directory.
-        stop_monitor(pid);
+        // Nothing stays: the VM went with its monitor, the state goes with the directory.
         let _ = dir.remove();
         if hooks_ran {
             run_poststop_hooks(&record);

@@ -12,9 +12,12 @@ pub fn delete(global: &Global, id: &str, force: bool) -> Result<(), CliError> {
     let dir = match ContainerDir::open(&global.root, id) {
         Ok(dir) => dir,
         Err(CliError::NotExist(_)) if force => {
-            // A create that crashed half-way leaves a directory without a record.
+            // A create that was killed half-way leaves a directory without a record, and
+            // maybe a carried network; its monitor died with it (see `spawn_monitor`).
             crate::state::check_id(id)?;
-            let _ = std::fs::remove_dir_all(global.root.join(id));
+            let path = global.root.join(id);
+            release_network(&path);
+            let _ = std::fs::remove_dir_all(path);
             return Ok(());
         }
         Err(e) => return Err(e),
@@ -25,8 +28,16 @@ pub fn delete(global: &Global, id: &str, force: bool) -> Result<(), CliError> {
         return Err(CliError::NotStopped(id.into(), current.name()));
     }
     end_monitor(id, &record)?;
-    // The VM is gone, and its TAPs with it: the engine's interfaces lose their mirroring.
-    let network_file = dir.path.join(cocoon_runtime::network::NETWORK_FILE);
+    release_network(&dir.path);
+    dir.remove()?;
+    // As runc: once the container and its state are gone.
+    run_poststop_hooks(&record);
+    Ok(())
+}
+
+/// Once the VM is gone, and its TAPs with it: the engine's interfaces lose their mirroring.
+fn release_network(dir: &std::path::Path) {
+    let network_file = dir.join(cocoon_runtime::network::NETWORK_FILE);
     if let Ok(record) =
         crate::state::read_json::<cocoon_runtime::network::NetworkRecord>(&network_file)
         && let Err(e) = cocoon_runtime::network::release(&record)
@@ -34,10 +45,6 @@ pub fn delete(global: &Global, id: &str, force: bool) -> Result<(), CliError> {
         // The container still goes: a delete that failed here would leave it undeletable.
         tracing::warn!("{e}");
     }
-    dir.remove()?;
-    // As runc: once the container and its state are gone.
-    run_poststop_hooks(&record);
-    Ok(())
 }
 
 /// Ends the container's monitor, and so its VM and everything in it, whatever the guest does;

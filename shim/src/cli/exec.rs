@@ -130,11 +130,19 @@ pub fn exec(global: &Global, args: &ExecArgs) -> Result<(), CliError> {
         &file,
         &serde_json::to_vec(&launch).map_err(|e| CliError::Other(e.to_string()))?,
     )?;
-    let pid = spawn_monitor(global, "exec-monitor", &[], &[&args.id, &launch.exec_id])
+    let monitor = spawn_monitor(global, "exec-monitor", &[], &[&args.id, &launch.exec_id])
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&file);
         })?;
-    write_pid_file(args.pid_file.as_deref(), pid)
+    // Without its pid in the engine's hands nobody would wait for the process: on failure, the
+    // monitor is told so and ends it (it is already running in the guest).
+    match write_pid_file(args.pid_file.as_deref(), monitor.pid) {
+        Ok(()) => monitor.confirm().map(drop),
+        Err(e) => {
+            monitor.abandon();
+            Err(e)
+        }
+    }
 }
 
 /// The hidden `exec-monitor` verb: the detached exec's monitor.
@@ -146,5 +154,5 @@ pub fn exec_monitor(global: &Global, id: &str, exec_id: &str) -> Result<(), CliE
     let launch: ExecLaunch = std::fs::read(&file)
         .map_err(CliError::io("read", &file))
         .and_then(|t| serde_json::from_slice(&t).map_err(|e| CliError::Other(e.to_string())))?;
-    run(&dir, id, launch, crate::monitor::report_file())
+    run(&dir, id, launch, crate::monitor::report_channel())
 }

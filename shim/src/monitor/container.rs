@@ -2,7 +2,7 @@
 //! create the container), serves the control socket for what only it can do (pause, resume),
 //! then stands for the container's init until it exits.
 
-use std::fs::File;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -37,7 +37,7 @@ use crate::stdio::Stdio;
 pub fn run(
     dir: &Path,
     id: &str,
-    report_to: Option<File>,
+    report_to: Option<UnixStream>,
     start: bool,
     restore_from: Option<&Path>,
 ) -> ! {
@@ -93,7 +93,7 @@ pub fn run(
         }
         Ok((held, stdio))
     });
-    report(&mut report_to, &result, || {
+    let go_on = report(&mut report_to, &result, || {
         if hooks_ran {
             // Stopped before its state goes and the poststop hooks run, as `create` does by
             // killing its monitor; the VM itself ends with this process.
@@ -104,7 +104,9 @@ pub fn run(
             crate::cli::create::run_poststop_hooks(record);
         }
     });
-    let Ok((held, stdio)) = result else {
+    // Not confirmed: `create` died or gave up before recording us. The VM ends with this
+    // process; the state directory is left for `delete`, as a killed monitor leaves it.
+    let (true, Ok((held, stdio))) = (go_on, result) else {
         std::process::exit(1);
     };
     let target = Target {

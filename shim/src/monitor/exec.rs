@@ -1,7 +1,7 @@
 //! An exec monitor: stands for one process exec'd into a running container, as runc's exec'd
 //! process does for an engine (`exec --detach --pid-file` names it).
 
-use std::fs::File;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Process;
@@ -28,7 +28,7 @@ pub fn launch_file(dir: &Path, exec_id: &str) -> PathBuf {
 }
 
 /// Runs the exec monitor; never returns.
-pub fn run(dir: &Path, id: &str, launch: ExecLaunch, report_to: Option<File>) -> ! {
+pub fn run(dir: &Path, id: &str, launch: ExecLaunch, report_to: Option<UnixStream>) -> ! {
     let set = block_forwarded_signals();
     let mut report_to = report_to;
     let target = Target {
@@ -37,10 +37,21 @@ pub fn run(dir: &Path, id: &str, launch: ExecLaunch, report_to: Option<File>) ->
     };
     let result = start(&target.container, &launch);
     let _ = std::fs::remove_file(launch_file(dir, &launch.exec_id));
-    report(&mut report_to, &result, || {});
+    let go_on = report(&mut report_to, &result, || {});
     let Ok(stdio) = result else {
         std::process::exit(1);
     };
+    if !go_on {
+        // `exec` died or gave up before giving the engine our pid: nobody would wait for the
+        // process, so it goes.
+        if let Err(e) = target
+            .container
+            .signal(target.exec_id.as_deref(), libc::SIGKILL, false)
+        {
+            tracing::warn!("cannot kill the abandoned exec: {e}");
+        }
+        std::process::exit(1);
+    }
     let status = wait_and_forward(target, stdio, None, Direct, set);
     exit_like(status)
 }

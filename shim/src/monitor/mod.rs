@@ -8,9 +8,9 @@
 pub mod container;
 pub mod exec;
 
-use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -24,7 +24,8 @@ use crate::console;
 use crate::error::CliError;
 use crate::stdio::Stdio;
 
-/// The fd on which a monitor started by `create` or `exec --detach` reports back.
+/// The fd on which a monitor started by `create` or `exec --detach` reports back (one end of
+/// a socket pair: the verb's confirmation comes back on it).
 pub const REPORT_FD: RawFd = 3;
 
 /// A monitor's one message to the verb that started it: the process exists, or why not.
@@ -67,29 +68,62 @@ fn block_forwarded_signals() -> libc::sigset_t {
     }
 }
 
-/// Tells the verb that started us how it went. Without a report fd (the verb runs the monitor
-/// in its own process), failure is printed and `cleanup` runs.
-fn report<T>(report: &mut Option<File>, result: &Result<T, CliError>, cleanup: impl FnOnce()) {
+/// The byte a verb sends its monitor once the engine can know of it (see [`report`]).
+pub const CONFIRM: u8 = b'!';
+
+/// Tells the verb that started us how it went. Without a report channel (the verb runs the
+/// monitor in its own process), failure is printed and `cleanup` runs. Returns whether to go
+/// on: after `Created`, only once the verb has confirmed.
+///
+/// Until the verb has recorded us (state, pid file), nobody else knows this process: if the
+/// verb dies first, whatever we run would be an orphan. So we die with it while booting
+/// (`PR_SET_PDEATHSIG`, armed before exec) and, after our report, wait for its [`CONFIRM`]; EOF
+/// instead means it died or gave up, and we must not go on.
+fn report<T>(
+    report: &mut Option<UnixStream>,
+    result: &Result<T, CliError>,
+    cleanup: impl FnOnce(),
+) -> bool {
     match (report.take(), result) {
-        (Some(mut file), Ok(_)) => {
-            let _ = writeln!(
-                file,
-                "{}",
-                serde_json::to_string(&Report::Created).unwrap_or_default()
-            );
+        (Some(mut channel), Ok(_)) => {
+            let line = serde_json::to_string(&Report::Created).unwrap_or_default();
+            if writeln!(channel, "{line}").is_err() {
+                tracing::error!("the verb that started this monitor is gone");
+                return false;
+            }
+            // SAFETY: prctl with integer arguments only. From here, our end is the read below.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
+            let confirmed = confirmation(&mut channel);
+            if !confirmed {
+                tracing::error!("the verb that started this monitor ended before confirming it");
+            }
+            confirmed
         }
-        (Some(mut file), Err(e)) => {
+        (Some(mut channel), Err(e)) => {
             let _ = writeln!(
-                file,
+                channel,
                 "{}",
                 serde_json::to_string(&Report::Failed(e.to_string())).unwrap_or_default()
             );
+            false
         }
         (None, Err(e)) => {
             tracing::error!("{e}");
             cleanup();
+            false
         }
-        (None, Ok(_)) => {}
+        (None, Ok(_)) => true,
+    }
+}
+
+fn confirmation(channel: &mut UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match channel.read(&mut byte) {
+            Ok(1) => return byte[0] == CONFIRM,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return false,
+        }
     }
 }
 
@@ -240,19 +274,24 @@ fn exit_like(status: ExitStatus) -> ! {
     std::process::exit(status.code.unwrap_or(255))
 }
 
-/// The report fd our parent verb passed, if it started us.
-pub fn report_file() -> Option<File> {
+/// The report channel our parent verb passed, if it started us.
+pub fn report_channel() -> Option<UnixStream> {
     std::env::var_os("COCOON_REPORT_FD")?;
     // SAFETY: F_GETFD only asks whether the fd is open.
     if unsafe { libc::fcntl(REPORT_FD, libc::F_GETFD) } < 0 {
         return None;
     }
+    // SAFETY: F_SETFD sets the close-on-exec flag of the fd we checked, so nothing we start
+    // (hooks, mkfs) holds the channel open after the verb has gone.
+    if unsafe { libc::fcntl(REPORT_FD, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return None;
+    }
     // SAFETY: the parent verb passed this fd to us for this purpose; we own it from here.
-    Some(unsafe { File::from_raw_fd(REPORT_FD) })
+    Some(unsafe { UnixStream::from_raw_fd(REPORT_FD) })
 }
 
 /// Reads a monitor's report: `Ok` once its process exists, else the monitor's error.
-pub fn read_report(report: File) -> Result<(), CliError> {
+pub fn read_report(report: &UnixStream) -> Result<(), CliError> {
     let mut line = String::new();
     let mut reader = std::io::BufReader::new(report);
     let _ = std::io::BufRead::read_line(&mut reader, &mut line);
