@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -790,6 +791,168 @@ fn a_create_killed_at_any_point_leaves_no_vm_behind() {
     assert_eq!(cocoon.state("hooked")["status"], "stopped");
     cocoon.ok(&["delete", "--force", "hooked"]);
     assert!(cocoon.containers().is_empty(), "{:?}", cocoon.containers());
+}
+
+/// How the fake agent of `host_verbs_survive_a_hostile_agent` answers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Hostile {
+    /// A frame whose body is not JSON.
+    Garbage,
+    /// A length header far over the frame limit, then nothing.
+    Huge,
+    /// A well-formed reply to a request that was not asked.
+    WrongId,
+    /// A well-formed reply with numbers no guest can report.
+    BadNumbers,
+    /// Takes the request and never answers.
+    Silent,
+}
+
+/// Serves `socket` as a guest agent behind the VMM's vsock socket would (`CONNECT port` →
+/// `OK port`), then answers every request as `mode` says.
+fn hostile_agent(socket: &Path, mode: Arc<Mutex<Hostile>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mode = *mode.lock().unwrap();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                if BufReader::new(&stream).read_line(&mut line).is_err() {
+                    return;
+                }
+                let _ = stream.write_all(b"OK 1\n");
+                let mut header = [0u8; 4];
+                if stream.read_exact(&mut header).is_err() {
+                    return;
+                }
+                let mut body = vec![0u8; u32::from_be_bytes(header) as usize];
+                let _ = stream.read_exact(&mut body);
+                let frame = |json: &str| {
+                    let mut f = (json.len() as u32).to_be_bytes().to_vec();
+                    f.extend_from_slice(json.as_bytes());
+                    f
+                };
+                let reply = match mode {
+                    Hostile::Garbage => frame("{this is not json"),
+                    Hostile::Huge => 0xffff_fff0u32.to_be_bytes().to_vec(),
+                    Hostile::WrongId => frame(r#"{"id":999,"result":{"Ok":{"kind":"done"}}}"#),
+                    Hostile::BadNumbers => frame(
+                        r#"{"id":1,"result":{"Ok":{"kind":"processes","value":[-5,99999999]}}}"#,
+                    ),
+                    Hostile::Silent => {
+                        std::thread::sleep(std::time::Duration::from_secs(600));
+                        return;
+                    }
+                };
+                let _ = stream.write_all(&reply);
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            });
+        }
+    });
+}
+
+/// Whatever the guest's agent answers (garbage, a huge frame, a reply to another request,
+/// impossible numbers, or nothing), every host verb fails with an error that says so, in
+/// bounded time, and leaves the container's monitor as it was; one that waits on a silent
+/// agent does not hold the container's lock, and `kill KILL` and `delete --force` still end
+/// the container. The agent is played by this test at the VMM's vsock socket: to the host,
+/// that is all a hostile guest agent can be.
+#[test]
+fn host_verbs_survive_a_hostile_agent() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if artifacts_or_skip("cli-hostile-agent").is_none() {
+        return;
+    }
+    let Some(bin) = cocoon_binary() else { return };
+    let scratch = Scratch::new("cli-hostile-agent");
+    let cocoon = Cocoon {
+        bin: bin.clone(),
+        root: scratch.path("root"),
+        config: None,
+    };
+    let b = bundle(&scratch.path("bundle"), &["sleep", "600"]);
+    cocoon.detached(&["run", "--detach", "--bundle", b.to_str().unwrap(), "h1"]);
+    let monitor = cocoon.state("h1")["pid"].as_i64().unwrap() as i32;
+    // The real socket is moved aside (the VMM keeps serving it there) and the fake takes its
+    // place. A verb judges a silent agent by the VM's progress; the fake has no vCPUs, so it
+    // looks idle from the start: a short idle limit keeps the test quick.
+    let socket = scratch.path("root").join("h1").join("vsock.sock");
+    let real = scratch.path("real-vsock.sock");
+    std::fs::rename(&socket, &real).unwrap();
+    let config = scratch.path("config.toml");
+    std::fs::write(&config, "guest_idle_secs = 3\n").unwrap();
+    let hostile = Cocoon {
+        bin,
+        root: scratch.path("root"),
+        config: Some(config),
+    };
+    let mode = Arc::new(Mutex::new(Hostile::Garbage));
+    hostile_agent(&socket, mode.clone());
+    let process = scratch.path("true.json");
+    std::fs::write(
+        &process,
+        r#"{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}"#,
+    )
+    .unwrap();
+    let verbs: [&[&str]; 6] = [
+        &["ps", "h1"],
+        &["kill", "h1", "TERM"],
+        &["update", "--pids-limit", "100", "h1"],
+        &["events", "--stats", "h1"],
+        &["exec", "h1", "true"],
+        &[
+            "exec",
+            "--detach",
+            "--process",
+            process.to_str().unwrap(),
+            "h1",
+        ],
+    ];
+    for m in [
+        Hostile::Garbage,
+        Hostile::Huge,
+        Hostile::WrongId,
+        Hostile::BadNumbers,
+    ] {
+        *mode.lock().unwrap() = m;
+        for verb in verbs {
+            let out = hostile.run(verb);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{m:?} {verb:?}: {err}");
+            assert!(err.contains("agent"), "{m:?} {verb:?}: {err}");
+            assert!(alive(monitor), "{m:?} {verb:?} took the monitor down");
+            assert_eq!(hostile.state("h1")["status"], "running", "{m:?} {verb:?}");
+        }
+    }
+    // Silent: `ps` waits, but not holding the lock: `state` answers meanwhile, and `kill
+    // KILL` ends the container from the host side.
+    *mode.lock().unwrap() = Hostile::Silent;
+    let mut ps = hostile
+        .command(&["ps", "h1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(hostile.state("h1")["status"], "running");
+    assert!(ps.try_wait().unwrap().is_none(), "ps should still wait");
+    let out = ps.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("did not answer"), "{err}");
+    hostile.ok(&["kill", "h1", "KILL"]);
+    assert!(!alive(monitor), "kill KILL returns with the monitor gone");
+    assert_eq!(hostile.state("h1")["status"], "stopped");
+    hostile.ok(&["delete", "h1"]);
+    assert!(
+        hostile.containers().is_empty(),
+        "{:?}",
+        hostile.containers()
+    );
+    let _ = std::fs::remove_file(&real);
 }
 
 #[test]

@@ -35,9 +35,12 @@ pub fn kill(global: &Global, id: &str, signal: &str, all: bool) -> Result<(), Cl
         Status::Created | Status::Running if signal == libc::SIGKILL => {
             sigkill(&dir, id, &record, all)
         }
-        Status::Created | Status::Running => crate::cli::container_at(&dir.file(VSOCK_SOCKET), id)
-            .with_timeout(KILL_TIMEOUT)
-            .signal(None, signal, all),
+        // Unlocked: a guest that does not answer must not hold off delete (or a SIGKILL).
+        Status::Created | Status::Running => dir.unlocked(|| {
+            crate::cli::container_at(&dir.file(VSOCK_SOCKET), id)
+                .with_timeout(KILL_TIMEOUT)
+                .signal(None, signal, all)
+        })?,
     }
 }
 

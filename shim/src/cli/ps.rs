@@ -13,7 +13,9 @@ pub fn ps(global: &Global, id: &str, format: &str) -> Result<(), CliError> {
         Status::Paused => return Err(CliError::Paused(id.into())),
         Status::Created | Status::Running => {}
     }
-    let pids = crate::cli::container_at(&dir.file(VSOCK_SOCKET), id).processes()?;
+    // Asked unlocked: a guest that does not answer must not hold off kill or delete.
+    let pids =
+        dir.unlocked(|| crate::cli::container_at(&dir.file(VSOCK_SOCKET), id).processes())??;
     match format {
         "json" => println!("{}", serde_json::to_string(&pids).unwrap_or_default()),
         "table" => {

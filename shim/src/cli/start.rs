@@ -28,7 +28,9 @@ pub fn start(global: &Global, id: &str) -> Result<(), CliError> {
     if network::netns_of(&launch.spec) == network::SpecNetns::New {
         control::call(&dir.file(CONTROL_SOCKET), &Request::CarryNetwork)?;
     }
-    crate::cli::container_at(&dir.file(VSOCK_SOCKET), id).start()?;
+    // Unlocked: a guest that does not answer must not hold off kill or delete. A second
+    // `start` meanwhile is refused by the agent (the process is no longer created).
+    dir.unlocked(|| crate::cli::container_at(&dir.file(VSOCK_SOCKET), id).start())??;
     record.started = true;
     dir.write(&record)?;
     // The state as it is now: a process that exits at once is already stopped. Unlocked, so a

@@ -56,9 +56,10 @@ pub fn update(global: &Global, args: &UpdateArgs) -> Result<(), CliError> {
         Status::Stopped => Err(CliError::NotRunning),
         // The agent answers only while the vCPUs run.
         Status::Paused => Err(CliError::Paused(args.id.clone())),
-        Status::Created | Status::Running => {
+        // Unlocked: a guest that does not answer must not hold off kill or delete.
+        Status::Created | Status::Running => dir.unlocked(|| {
             crate::cli::container_at(&dir.file(VSOCK_SOCKET), &args.id).update(&resources)
-        }
+        })?,
     }
 }
 
