@@ -26,7 +26,7 @@ export COCOON_DEBIAN_ROOTFS := $(BUILD)/debian/rootfs
 export COCOON_DEBIAN_OCI_IMAGE := $(BUILD)/debian-oci.tar
 export COCOON_DEBIAN_DOCKER_IMAGE := $(BUILD)/debian-docker.tar
 
-.PHONY: all deps kernel agent initramfs rootfs debian-image vmm cocoon demo test bench soak lint clean \
+.PHONY: fuzz all deps kernel agent initramfs rootfs debian-image vmm cocoon demo test bench soak lint clean \
 	install uninstall
 
 all: kernel initramfs rootfs vmm cocoon
@@ -84,8 +84,12 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
+# After the tests, a short soak (the full one is `make soak`): cycles in parallel, then
+# nothing may be left behind.
+SOAK_CI_ARGS ?= --cycles 8 --parallel 2
 test: kernel initramfs rootfs debian-image vmm cocoon lint
 	cargo test --workspace -- --nocapture
+	python3 bench/soak.py $(SOAK_CI_ARGS)
 
 bench: kernel initramfs rootfs debian-image vmm cocoon
 	python3 bench/boot.py
@@ -103,6 +107,21 @@ bench: kernel initramfs rootfs debian-image vmm cocoon
 SOAK_ARGS ?= --cycles 200 --parallel 8
 soak: kernel initramfs rootfs vmm cocoon
 	python3 bench/soak.py $(SOAK_ARGS)
+
+# Not in CI: every fuzz target for FUZZ_SECONDS each, one after the other (docs/fuzzing.md).
+# cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
+FUZZ_SECONDS ?= 600
+VMM_FUZZ_TARGETS := vsock_packet blk_request net_header mmio_transport vsock_muxer
+fuzz:
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
+	set -e; for t in $(VMM_FUZZ_TARGETS); do \
+		mkdir -p vmm/fuzz/corpus/$$t; \
+		(cd vmm/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none -O $$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1); \
+	done
+	mkdir -p agent/protocol/fuzz/corpus/agent_frames
+	cd agent/protocol/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none -O agent_frames \
+		corpus/agent_frames seeds/agent_frames -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
 
 # Install like a runtime: the binaries in $(PREFIX)/bin, the kernel and initramfs where the
 # runtime looks beside its binary ($(PREFIX)/lib/cocoon). No configuration is written: engines
