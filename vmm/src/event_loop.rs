@@ -88,7 +88,10 @@ impl EventLoop {
                     Some(Source::Kick(kick)) => {
                         // Reading resets the counter; several kicks in a row are served by one pass.
                         let _ = kick.eventfd.read();
-                        lock(&kick.transport).notify(kick.queue);
+                        if lock(&kick.transport).notify(kick.queue) {
+                            // Work left: kicked again, so it comes round after the others.
+                            let _ = kick.eventfd.write(1);
+                        }
                     }
                     Some(Source::Host(transport)) => lock(transport).host_event(),
                     Some(Source::Stop) => return,

@@ -152,21 +152,50 @@ pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// Most chains one pass of [`serve_chains`] serves. A guest can make a queue endless: rings
+/// that overlap, or a buffer the device writes that covers the avail ring, let every chain
+/// served announce another (found by the `mmio_transport` fuzz target). Far above what a
+/// guest supplies while one pass runs (a ring holds at most 256 chains here).
+pub const MAX_CHAINS_PER_PASS: usize = 4096;
+
+thread_local! {
+    /// Set by a pass of [`serve_chains`] cut short at [`MAX_CHAINS_PER_PASS`] with chains
+    /// left; taken by [`take_pass_cut_short`] (the transport, right after the device's
+    /// `process_queue` returned, on the same thread), so the device thread serves the queue
+    /// again after its other work instead of waiting for a kick that may not come.
+    static PASS_CUT_SHORT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a pass on this thread since the last call was cut short with work left.
+pub fn take_pass_cut_short() -> bool {
+    PASS_CUT_SHORT.with(|cut| cut.replace(false))
+}
+
 /// Serves every available chain of `queue` with `serve` (which returns the used length), with
 /// guest notifications off while we work and a last look after turning them back on, so a kick
 /// that raced with us is not lost. Returns whether any chain was used. A ring the guest broke
-/// after activation ends the pass quietly.
+/// after activation ends the pass quietly (an avail index that stays ahead of what the ring
+/// yields included); one that never runs dry ends it after [`MAX_CHAINS_PER_PASS`], with
+/// notifications on.
 pub fn serve_chains(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) -> bool {
     let mut used_any = false;
+    let mut served = 0;
+    // Rounds in a row that found no chain: a second one means the avail index announces
+    // chains the ring cannot give (an index too far ahead), not a kick that raced with us.
+    let mut empty_rounds = 0;
     loop {
         if queue.disable_notification(mem).is_err() {
             return used_any;
         }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let served_before = served;
+        while served < MAX_CHAINS_PER_PASS
+            && let Some(chain) = queue.pop_descriptor_chain(mem)
+        {
+            served += 1;
             let head = chain.head_index();
             let len = serve(chain);
             if queue.add_used(mem, head, len).is_err() {
@@ -174,8 +203,20 @@ pub fn serve_chains(
             }
             used_any = true;
         }
+        if served == MAX_CHAINS_PER_PASS {
+            // What is left stays available for the next pass.
+            if queue.enable_notification(mem).unwrap_or(false) {
+                PASS_CUT_SHORT.with(|cut| cut.set(true));
+            }
+            return used_any;
+        }
+        empty_rounds = if served == served_before {
+            empty_rounds + 1
+        } else {
+            0
+        };
         match queue.enable_notification(mem) {
-            Ok(true) => continue,
+            Ok(true) if empty_rounds < 2 => continue,
             _ => return used_any,
         }
     }

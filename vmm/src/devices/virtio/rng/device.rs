@@ -161,4 +161,57 @@ mod tests {
         assert_eq!(len, 0, "a buffer outside guest memory gets nothing");
         assert_eq!(rng.metrics.bad_requests, 2);
     }
+
+    /// A queue that never runs dry (each chain served announces another, as when a buffer the
+    /// device writes covers the avail ring) ends the pass at the bound, with the next chain
+    /// left available and the pass marked for serving again.
+    #[test]
+    fn an_endless_queue_ends_the_pass_at_the_bound() {
+        use crate::devices::virtio::{MAX_CHAINS_PER_PASS, serve_chains, take_pass_cut_short};
+        use virtio_queue::QueueT;
+        let m = mem();
+        let q = MockSplitQueue::new(&m, 16);
+        q.build_desc_chain(&[desc(0x8000, 16, F_WRITE)]).unwrap();
+        let mut queue: Queue = q.create_queue().unwrap();
+        // The mock's used ring overlaps its avail ring past 8 entries: moved clear of it.
+        queue.set_ready(false);
+        queue.set_used_ring_address(Some(0x2000), Some(0));
+        queue.set_ready(true);
+        let avail_idx = q.avail_addr().unchecked_add(2);
+        let mut served = 0usize;
+        let used = serve_chains(&mut queue, &m, |_chain| {
+            served += 1;
+            let idx: u16 = m.read_obj(avail_idx).unwrap();
+            m.write_obj(idx.wrapping_add(1), avail_idx).unwrap();
+            16
+        });
+        assert!(used);
+        assert_eq!(served, MAX_CHAINS_PER_PASS);
+        assert!(take_pass_cut_short(), "the pass says it left work");
+        assert!(!take_pass_cut_short(), "and says it once");
+        assert_eq!(
+            queue.next_avail() as usize,
+            MAX_CHAINS_PER_PASS % 65536,
+            "the chain not served stays available"
+        );
+    }
+
+    /// An avail index further ahead than the ring holds yields no chain: the pass ends instead
+    /// of looking again for ever (found by the `mmio_transport` fuzz target).
+    #[test]
+    fn an_avail_index_too_far_ahead_ends_the_pass() {
+        use crate::devices::virtio::serve_chains;
+        let m = mem();
+        let q = MockSplitQueue::new(&m, 16);
+        q.build_desc_chain(&[desc(0x8000, 16, F_WRITE)]).unwrap();
+        let mut queue: Queue = q.create_queue().unwrap();
+        m.write_obj(100u16, q.avail_addr().unchecked_add(2))
+            .unwrap();
+        let mut served = 0;
+        assert!(!serve_chains(&mut queue, &m, |_| {
+            served += 1;
+            0
+        }));
+        assert_eq!(served, 0);
+    }
 }
