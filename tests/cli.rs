@@ -955,6 +955,106 @@ fn host_verbs_survive_a_hostile_agent() {
     let _ = std::fs::remove_file(&real);
 }
 
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// A layer cache on a full filesystem (a 256 KiB tmpfs; the busybox image needs more) fails
+/// `create` before any VM, with the system's reason, and keeps no half-built image that a
+/// later `create` could take for a good one.
+#[test]
+fn a_full_layer_cache_fails_create_and_keeps_no_half_image() {
+    let Some(bin) = cocoon_binary() else { return };
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true requires this test to run (as root: it mounts a tmpfs)"
+        );
+        eprintln!("SKIPPED a_full_layer_cache_fails_create_and_keeps_no_half_image: not root");
+        return;
+    }
+    let scratch = Scratch::new("cli-cache-full");
+    let cache = scratch.path("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "cocoon-test-cache"])
+        .arg(&cache)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&cache);
+    let config = scratch.path("config.toml");
+    std::fs::write(
+        &config,
+        format!("layer_cache = {:?}\n", cache.join("layers")),
+    )
+    .unwrap();
+    let cocoon = Cocoon {
+        bin,
+        root: scratch.path("root"),
+        config: Some(config),
+    };
+    // The cache holds the layers of an overlay root, as engines give it.
+    let b = bundle(&scratch.path("bundle"), &["true"]);
+    let lower = scratch.path("lower");
+    std::fs::rename(b.join("rootfs"), &lower).unwrap();
+    for dir in ["rootfs", "upper", "work"] {
+        std::fs::create_dir_all(scratch.path("bundle").join(dir)).unwrap();
+    }
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        b.join("upper").display(),
+        b.join("work").display()
+    );
+    let root = b.join("rootfs");
+    let mounted = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &options])
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount an overlay root");
+    let _unmount_root = Unmount(&root);
+    // Stdio to a file: were create to succeed, its monitor would hold a pipe open for ever.
+    let log = scratch.path("create.err");
+    let status = cocoon
+        .command(&["create", "--bundle", b.to_str().unwrap(), "full"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .status()
+        .unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "create should fail: {err}");
+    assert!(
+        err.to_lowercase().contains("no space left on device"),
+        "the reason is the system's: {err}"
+    );
+    assert!(cocoon.containers().is_empty(), "{:?}", cocoon.containers());
+    assert_eq!(
+        files_under(&cache),
+        Vec::<PathBuf>::new(),
+        "a half image stayed"
+    );
+}
+
 #[test]
 fn checkpoint_and_restore_keep_a_running_process_going() {
     let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
