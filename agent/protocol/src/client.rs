@@ -203,8 +203,9 @@ impl AgentClient {
         )?))
     }
 
-    /// A client on a stream already connected to the agent's control port.
-    fn over(stream: UnixStream) -> AgentClient {
+    /// A client on a stream already connected to the agent's control port (public for the
+    /// fuzz target, which plays a hostile agent on a socket pair).
+    pub fn over(stream: UnixStream) -> AgentClient {
         AgentClient {
             stream,
             next_id: 1,
