@@ -86,13 +86,15 @@ fn report<T>(
 ) -> bool {
     match (report.take(), result) {
         (Some(mut channel), Ok(_)) => {
+            // Disarmed before the report: once the verb has it, it may confirm and exit at
+            // once, and must not take us with it. From here the channel tells if it dies.
+            // SAFETY: prctl with integer arguments only.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
             let line = serde_json::to_string(&Report::Created).unwrap_or_default();
             if writeln!(channel, "{line}").is_err() {
                 tracing::error!("the verb that started this monitor is gone");
                 return false;
             }
-            // SAFETY: prctl with integer arguments only. From here, our end is the read below.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
             let confirmed = confirmation(&mut channel);
             if !confirmed {
                 tracing::error!("the verb that started this monitor ended before confirming it");
