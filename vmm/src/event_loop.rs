@@ -88,10 +88,7 @@ impl EventLoop {
                     Some(Source::Kick(kick)) => {
                         // Reading resets the counter; several kicks in a row are served by one pass.
                         let _ = kick.eventfd.read();
-                        if lock(&kick.transport).notify(kick.queue) {
-                            // Work left: kicked again, so it comes round after the others.
-                            let _ = kick.eventfd.write(1);
-                        }
+                        lock(&kick.transport).notify(kick.queue);
                     }
                     Some(Source::Host(transport)) => lock(transport).host_event(),
                     Some(Source::Stop) => return,

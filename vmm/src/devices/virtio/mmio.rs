@@ -107,20 +107,17 @@ impl MmioTransport {
     }
 
     /// The driver kicked queue `index` (through the ioeventfd or a QueueNotify write).
-    /// Returns whether the queue was left with work (a pass cut short): the caller serves it
-    /// again once its other work is done.
-    pub fn notify(&mut self, index: usize) -> bool {
+    pub fn notify(&mut self, index: usize) {
         if !self.activated {
-            return false;
+            return;
         }
         if !self.queues.get(index).is_some_and(|q| q.ready()) {
-            return false;
+            return;
         }
         let used = self
             .device
             .process_queue(index, &mut self.queues, &self.mem);
         self.interrupt_if(used);
-        super::take_pass_cut_short()
     }
 
     /// The device's host side has events (see `VirtioDevice::host_event_fd`).
@@ -128,9 +125,6 @@ impl MmioTransport {
         if self.activated {
             let used = self.device.process_host_events(&mut self.queues, &self.mem);
             self.interrupt_if(used);
-            // Host-side work has no kick to repeat: a TX pass cut short here waits for the
-            // guest's next kick, or the next host event.
-            super::take_pass_cut_short();
         }
     }
 
@@ -271,10 +265,7 @@ impl MmioTransport {
                 }
             }
             REG_QUEUE_SEL => self.queue_select = value,
-            // Inline (no ioeventfd): a pass cut short waits for the guest's next kick.
-            REG_QUEUE_NOTIFY => {
-                self.notify(value as usize);
-            }
+            REG_QUEUE_NOTIFY => self.notify(value as usize),
             REG_INTERRUPT_ACK => self.interrupt.acknowledge(value),
             REG_STATUS => self.set_status(value),
             REG_QUEUE_NUM
