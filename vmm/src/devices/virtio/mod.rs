@@ -5,6 +5,7 @@
 //! handshake, so devices only ever see queues the driver has set up and the device activated.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod persist;
