@@ -125,6 +125,7 @@ impl SandboxConfig {
                 cid: GUEST_CID,
                 uds: self.vsock_socket.clone(),
             }),
+            fs: None,
             nets: (0..self.nic_slots.max(self.taps.len()))
                 .map(|slot| self.nic(slot))
                 .collect(),

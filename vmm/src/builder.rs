@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
@@ -26,13 +27,15 @@ use crate::boot_image::BootImage;
 use crate::bus::lock;
 use crate::bus::{Bus, BusDevice};
 use crate::cmdline::{self, MmioDevice};
-use crate::config::{ConsoleConfig, VmConfig};
+use crate::config::{ConsoleConfig, FsConfig, VmConfig};
 use crate::devices::guest_status::GuestStatus;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::persist::SerialState;
 use crate::devices::legacy::serial::SerialConsole;
 use crate::devices::registry::Devices;
 use crate::devices::virtio::block::{Block, Disk, DiskError};
+use crate::devices::virtio::fs::device::VIRTIO_ID_FS;
+use crate::devices::virtio::fs::{Fs, FsError, Share};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::net::tap::{Tap, TapError};
@@ -40,10 +43,11 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::event_loop::{EventLoop, QueueKick};
+use crate::jail::Role;
 use crate::lifecycle::Lifecycle;
 use crate::snapshot::{self, BootFiles, RestoreConfig, SnapshotError};
 use crate::vcpu::Vcpu;
-use crate::vm::{Parts, Vm};
+use crate::vm::{DeviceLoop, Parts, Vm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -85,6 +89,8 @@ pub enum BuildError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Tap(#[from] TapError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error("kernel command line: {0}")]
     Cmdline(#[from] cmdline::CmdlineError),
     #[error("cannot write the command line to guest memory: {0}")]
@@ -180,6 +186,9 @@ pub fn build(
         let tap = Tap::from_source(&net.tap)?;
         let device = Net::new(tap, net.mac).map_err(BuildError::Event)?;
         virtio.push(("net", Box::new(device)));
+    }
+    if let Some(fs) = &config.fs {
+        virtio.push(("fs", Box::new(open_fs(fs)?)));
     }
     for (kind, device) in virtio {
         let id = platform.devices.next_id(kind);
@@ -475,10 +484,16 @@ impl Platform {
                 lifecycle: lifecycle.clone(),
             })
             .collect();
-        let device_stop = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Event)?;
-        let stop = device_stop.try_clone().map_err(BuildError::Event)?;
-        let event_loop =
-            EventLoop::new(self.kicks, self.transports, stop).map_err(BuildError::Event)?;
+        // virtio-fs gets a thread of its own; every other device shares one.
+        let is_fs = |t: &Arc<Mutex<MmioTransport>>| lock(t).device_type() == VIRTIO_ID_FS;
+        let (fs_kicks, kicks): (Vec<_>, Vec<_>) =
+            self.kicks.into_iter().partition(|k| is_fs(&k.transport));
+        let (fs_transports, transports): (Vec<_>, Vec<_>) =
+            self.transports.into_iter().partition(is_fs);
+        let event_loops = vec![
+            device_loop(kicks, transports, Role::Devices, "cocoon-devices")?,
+            device_loop(fs_kicks, fs_transports, Role::Files, "cocoon-fs")?,
+        ];
         Vm::start(Parts {
             vm: machine.vm,
             memory,
@@ -487,12 +502,51 @@ impl Platform {
             lifecycle,
             ended,
             vcpus,
-            event_loop,
-            device_stop,
+            event_loops,
             devices: self.devices,
             origin,
         })
     }
+}
+
+/// The virtio-fs device with its shares open (`O_PATH`: the share's inode, whatever its path
+/// means later).
+fn open_fs(config: &FsConfig) -> Result<Fs, BuildError> {
+    let mut fs = Fs::new(&config.tag)?;
+    for share in &config.shares {
+        let root = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&share.path)
+            .map_err(|source| BuildError::Open {
+                what: "share",
+                path: share.path.clone(),
+                source,
+            })?;
+        fs.add_share(Share {
+            name: share.name.clone(),
+            root: root.into(),
+            read_only: share.read_only,
+        })?;
+    }
+    Ok(fs)
+}
+
+/// One device thread's loop over `kicks` and the host sides of `transports`.
+fn device_loop(
+    kicks: Vec<QueueKick>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    role: Role,
+    name: &'static str,
+) -> Result<DeviceLoop, BuildError> {
+    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Event)?;
+    let theirs = stop.try_clone().map_err(BuildError::Event)?;
+    Ok(DeviceLoop {
+        event_loop: EventLoop::new(kicks, transports, theirs).map_err(BuildError::Event)?,
+        stop,
+        role,
+        name,
+    })
 }
 
 /// Boot-path timing, for `--log-level debug`.

@@ -21,27 +21,62 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// `PATH[,ro|,rw]`: a path and whether it is read-only; `what` names it in errors.
+fn path_and_mode(s: &str, what: &str) -> Result<(PathBuf, bool), String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((path, "ro")) => (path, true),
+        Some((path, "rw")) => (path, false),
+        Some((_, other)) => {
+            return Err(format!(
+                "unknown {what} option {other:?} (expected ro or rw)"
+            ));
+        }
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err(format!("{what} path is empty"));
+    }
+    Ok((PathBuf::from(path), read_only))
+}
+
 impl FromStr for DiskConfig {
     type Err = String;
 
     /// `PATH[,ro|,rw]`.
     fn from_str(s: &str) -> Result<Self, String> {
-        let (path, mode) = match s.rsplit_once(',') {
-            Some((path, "ro")) => (path, true),
-            Some((path, "rw")) => (path, false),
-            Some((_, other)) => {
-                return Err(format!("unknown disk option {other:?} (expected ro or rw)"));
-            }
-            None => (s, false),
-        };
-        if path.is_empty() {
-            return Err("disk path is empty".into());
-        }
-        Ok(DiskConfig {
-            path: PathBuf::from(path),
-            read_only: mode,
+        let (path, read_only) = path_and_mode(s, "disk")?;
+        Ok(DiskConfig { path, read_only })
+    }
+}
+
+/// `--share NAME=PATH[,ro|,rw]`: a host directory or file the guest sees as `/NAME` of the
+/// virtio-fs mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl FromStr for ShareConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, rest) = s.split_once('=').ok_or("expected NAME=PATH[,ro]")?;
+        let (path, read_only) = path_and_mode(rest, "share")?;
+        Ok(ShareConfig {
+            name: name.into(),
+            path,
+            read_only,
         })
     }
+}
+
+/// `--fs TAG`: a virtio-fs device the guest mounts with `mount -t virtiofs TAG DIR`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsConfig {
+    pub tag: String,
+    pub shares: Vec<ShareConfig>,
 }
 
 /// `--vsock CID,PATH`: the guest's context id and the host-side Unix socket.
@@ -194,6 +229,9 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-net devices (`net0`, `net1`, ... in this order; the guest's eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
+    /// A virtio-fs device (`fs0`) with the host directories and files it shares.
+    #[serde(default)]
+    pub fs: Option<FsConfig>,
     pub console: ConsoleConfig,
 }
 
@@ -240,6 +278,7 @@ impl VmConfig {
             + usize::from(self.rng)
             + usize::from(self.vsock.is_some())
             + self.nets.len()
+            + usize::from(self.fs.is_some())
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -292,6 +331,25 @@ mod tests {
         assert!("x,/tmp/v".parse::<VsockConfig>().is_err());
         assert!("3,".parse::<VsockConfig>().is_err());
         assert!("3".parse::<VsockConfig>().is_err());
+    }
+
+    #[test]
+    fn share_specs() {
+        assert_eq!(
+            "data=/srv/data,ro".parse(),
+            Ok(ShareConfig {
+                name: "data".into(),
+                path: "/srv/data".into(),
+                read_only: true
+            })
+        );
+        assert_eq!(
+            "a=/x=y".parse::<ShareConfig>().map(|s| (s.name, s.path)),
+            Ok(("a".into(), "/x=y".into()))
+        );
+        assert!("/srv/data".parse::<ShareConfig>().is_err());
+        assert!("data=".parse::<ShareConfig>().is_err());
+        assert!("data=/srv,rx".parse::<ShareConfig>().is_err());
     }
 
     #[test]
@@ -387,6 +445,7 @@ mod tests {
             rng: false,
             vsock: None,
             nets: Vec::new(),
+            fs: None,
             console: ConsoleConfig::Off,
         }
     }

@@ -17,7 +17,8 @@ use std::time::{Instant, SystemTime};
 
 use clap::Parser;
 use cocoon_vmm::config::{
-    ConsoleConfig, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, DiskConfig, NetConfig, VmConfig, VsockConfig,
+    ConsoleConfig, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, DiskConfig, FsConfig, NetConfig, ShareConfig,
+    VmConfig, VsockConfig,
 };
 use cocoon_vmm::lifecycle::ExitReason;
 use cocoon_vmm::snapshot::RestoreConfig;
@@ -69,6 +70,14 @@ struct Cli {
     /// eth1, ... With --restore, the host sides of the snapshot's first NICs, in order.
     #[arg(long = "net", value_name = "TAP|fd=N|none[,MAC]")]
     nets: Vec<NetConfig>,
+    /// A virtio-fs device the guest mounts with `mount -t virtiofs TAG DIR`; its root holds
+    /// the --share entries.
+    #[arg(long = "fs", value_name = "TAG", conflicts_with = "restore")]
+    fs_tag: Option<String>,
+    /// A host directory or file the guest sees, live, as DIR/NAME of the --fs mount,
+    /// read-write unless ",ro" follows. Repeatable.
+    #[arg(long = "share", value_name = "NAME=PATH[,ro]", requires = "fs_tag")]
+    shares: Vec<ShareConfig>,
     /// Where the serial console goes: stdout, off (fastest: no UART at all) or a file.
     /// [default: stdout; with --restore, the snapshot's]
     #[arg(long, value_name = "stdout|off|FILE")]
@@ -116,6 +125,10 @@ fn main() -> ExitCode {
             rng: cli.rng,
             vsock: cli.vsock.clone(),
             nets: cli.nets.clone(),
+            fs: cli.fs_tag.clone().map(|tag| FsConfig {
+                tag,
+                shares: cli.shares.clone(),
+            }),
             console: cli.console.clone().unwrap_or(ConsoleConfig::Stdout),
         }),
     };
@@ -199,6 +212,7 @@ fn restore_config(dir: &std::path::Path, cli: &Cli) -> RestoreConfig {
         rng: false,
         vsock: None,
         nets: Vec::new(),
+        fs: None,
         console: ConsoleConfig::Off,
     });
     restore

@@ -77,6 +77,14 @@ pub enum VmError {
     NotPaused,
 }
 
+/// A device thread to start: its loop, the eventfd that stops it, and its jail.
+pub(crate) struct DeviceLoop {
+    pub event_loop: EventLoop,
+    pub stop: EventFd,
+    pub role: Role,
+    pub name: &'static str,
+}
+
 /// What the builder hands over: everything built, no thread started.
 pub(crate) struct Parts {
     pub vm: VmFd,
@@ -85,8 +93,9 @@ pub(crate) struct Parts {
     pub lifecycle: Arc<Lifecycle>,
     pub ended: Receiver<ExitReason>,
     pub vcpus: Vec<Vcpu>,
-    pub event_loop: EventLoop,
-    pub device_stop: EventFd,
+    /// The device threads' loops: the one for every device but virtio-fs, and the file
+    /// server's own (whose disk I/O must not hold up vsock, the host's control path).
+    pub event_loops: Vec<DeviceLoop>,
     pub devices: Devices,
     pub msr_indices: Vec<u32>,
     pub origin: Origin,
@@ -117,7 +126,7 @@ struct Ending {
 /// build that fails half-way leaves no thread behind either.
 struct Threads {
     vcpus: Vec<(VcpuSlot, JoinHandle<()>)>,
-    devices: Option<(EventFd, JoinHandle<()>)>,
+    devices: Vec<(EventFd, JoinHandle<()>)>,
 }
 
 impl Drop for Threads {
@@ -129,7 +138,7 @@ impl Drop for Threads {
             slot.control.wait_until_exited();
             let _ = thread.join();
         }
-        if let Some((stop, thread)) = self.devices.take() {
+        for (stop, thread) in self.devices.drain(..) {
             match stop.write(1) {
                 Ok(()) => {
                     let _ = thread.join();
@@ -196,16 +205,10 @@ impl Vm {
         jail::harden_process(&parts.guest_mappings);
         let mut threads = Threads {
             vcpus: Vec::with_capacity(parts.vcpus.len()),
-            devices: None,
+            devices: Vec::new(),
         };
         // On an error, dropping `threads` stops and joins what was started.
-        Self::spawn_threads(
-            &mut threads,
-            &jail,
-            parts.vcpus,
-            parts.event_loop,
-            parts.device_stop,
-        )?;
+        Self::spawn_threads(&mut threads, &jail, parts.vcpus, parts.event_loops)?;
         let vcpus = threads
             .vcpus
             .iter()
@@ -270,22 +273,25 @@ impl Vm {
         threads: &mut Threads,
         jail: &Jail,
         vcpus: Vec<Vcpu>,
-        event_loop: EventLoop,
-        device_stop: EventFd,
+        event_loops: Vec<DeviceLoop>,
     ) -> Result<(), BuildError> {
         let (jailed, in_jail) = std::sync::mpsc::channel();
-        if !event_loop.is_empty() {
+        for device_loop in event_loops {
+            if device_loop.event_loop.is_empty() {
+                continue;
+            }
             let (jail, jailed) = (jail.clone(), jailed.clone());
+            let (event_loop, role) = (device_loop.event_loop, device_loop.role);
             let thread = std::thread::Builder::new()
-                .name("cocoon-devices".into())
+                .name(device_loop.name.into())
                 .spawn(move || {
-                    let failed = !jail.enter_reporting(Role::Devices, &jailed);
+                    let failed = !jail.enter_reporting(role, &jailed);
                     if !failed {
                         event_loop.run();
                     }
                 })
                 .map_err(BuildError::Thread)?;
-            threads.devices = Some((device_stop, thread));
+            threads.devices.push((device_loop.stop, thread));
             wait_jailed(&in_jail)?;
         }
         for vcpu in vcpus {

@@ -56,6 +56,7 @@ fn build(kernel: &Kernel, cpus: u8) -> Vm {
         rng: true,
         vsock: None,
         nets: Vec::new(),
+        fs: None,
         console: ConsoleConfig::Off,
     };
     Vm::build(&config, Instant::now(), SystemTime::now()).expect("build the VM")

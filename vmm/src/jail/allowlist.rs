@@ -16,6 +16,9 @@ pub enum Role {
     /// The device thread (virtqueues, TAPs, vsock sockets, disk files) and the supervisor,
     /// which stops it and closes the devices' host sides when the VM ends.
     Devices,
+    /// The virtio-fs file server's thread: its queues, and file system calls on the
+    /// descriptors it holds of the shares.
+    Files,
 }
 
 impl Role {
@@ -23,6 +26,19 @@ impl Role {
         match self {
             Role::Vcpu => "vCPU",
             Role::Devices => "device",
+            Role::Files => "file server",
+        }
+    }
+
+    /// Capabilities the thread keeps (bit N is capability N): the file server acts on shared
+    /// files for the guest's users, as the kernel would for root in a container (ownership
+    /// and modes set, files reached whatever their permission bits); every other thread none.
+    pub fn kept_capabilities(self) -> u64 {
+        match self {
+            // <linux/capability.h>: CAP_CHOWN 0, CAP_DAC_OVERRIDE 1, CAP_DAC_READ_SEARCH 2,
+            // CAP_FOWNER 3, CAP_FSETID 4.
+            Role::Files => 0b1_1111,
+            _ => 0,
         }
     }
 
@@ -56,6 +72,11 @@ impl Role {
                         &[ioctls::FIONBIO, ioctls::FIONREAD, ioctls::TUNSETOFFLOAD],
                     )?,
                 );
+            }
+            Role::Files => {
+                for call in FILES {
+                    rules.insert(call, vec![]);
+                }
             }
         }
         Ok(rules)
@@ -122,6 +143,41 @@ const DEVICES: [i64; 22] = [
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
+];
+
+/// The file server: its event loop, and the calls of `devices/virtio/fs/host.rs`, each on a
+/// descriptor it holds (`openat` of one checked name under a share's node, `/proc/self/fd`
+/// to reopen a node). No `execve`, no sockets, no `ioctl`.
+const FILES: [i64; 28] = [
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_openat,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_getdents64,
+    libc::SYS_lseek,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_symlinkat,
+    libc::SYS_linkat,
+    libc::SYS_unlinkat,
+    // glibc's renameat2 without flags is renameat.
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_readlinkat,
+    libc::SYS_fchownat,
+    libc::SYS_chmod,
+    libc::SYS_fchmodat,
+    libc::SYS_utimensat,
 ];
 
 /// Argument `arg` (a `prot`) without PROT_EXEC: no thread maps code after the build.

@@ -63,6 +63,7 @@ pub struct Jail {
 struct Filters {
     vcpu: BpfProgram,
     devices: BpfProgram,
+    files: BpfProgram,
 }
 
 impl Jail {
@@ -76,6 +77,7 @@ impl Jail {
             filters: Some(Filters {
                 vcpu: compile(Role::Vcpu)?,
                 devices: compile(Role::Devices)?,
+                files: compile(Role::Files)?,
             }),
         })
     }
@@ -85,13 +87,14 @@ impl Jail {
         let Some(filters) = &self.filters else {
             return Ok(());
         };
-        drop_capabilities().map_err(|source| JailError::Capabilities {
+        drop_capabilities(role.kept_capabilities()).map_err(|source| JailError::Capabilities {
             role: role.name(),
             source,
         })?;
         let program = match role {
             Role::Vcpu => &filters.vcpu,
             Role::Devices => &filters.devices,
+            Role::Files => &filters.files,
         };
         // Sets no_new_privs first, which seccomp requires of a thread without CAP_SYS_ADMIN.
         seccompiler::apply_filter(program).map_err(|source| JailError::Install {
@@ -132,13 +135,27 @@ fn compile(role: Role) -> Result<BpfProgram, JailError> {
 }
 
 /// Empties the calling thread's effective, permitted and inheritable sets (ambient ones go
-/// with the permitted set). Serving the guest needs no privilege: every fd is open already.
-fn drop_capabilities() -> std::io::Result<()> {
+/// with the permitted set) but for the bits of `keep` the thread holds. Serving the guest needs
+/// no privilege but the file server's: every fd is open already.
+fn drop_capabilities(keep: u64) -> std::io::Result<()> {
     let mut header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [CapData::default(); 2];
+    let mut data = [CapData::default(); 2];
+    if keep != 0 {
+        // SAFETY: capget writes two data structs (version 3) into our live array.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for (half, set) in data.iter_mut().enumerate() {
+            let keep = (keep >> (32 * half)) as u32;
+            set.permitted &= keep;
+            set.effective = set.permitted;
+            set.inheritable = 0;
+        }
+    }
     // SAFETY: capset reads a header and two data structs (version 3), both ours and live; pid 0
     // is the calling thread.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };

@@ -34,6 +34,7 @@ impl Jail {
             filters: Some(Filters {
                 vcpu: compile(Role::Vcpu).unwrap(),
                 devices: compile(Role::Devices).unwrap(),
+                files: compile(Role::Files).unwrap(),
             }),
         }
     }
@@ -76,6 +77,38 @@ fn a_forbidden_call_kills_the_whole_vmm() {
         in_jailed_child(Role::Vcpu, || {
             // SAFETY: fork is expected to be fatal here.
             unsafe { libc::fork() }
+        }),
+        Err(libc::SIGSYS)
+    );
+}
+
+#[test]
+fn the_file_server_opens_files_but_makes_no_socket_and_runs_nothing() {
+    assert_eq!(
+        in_jailed_child(Role::Files, || {
+            // SAFETY: a NUL-terminated path; the descriptor is closed again.
+            let fd = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_PATH) };
+            // SAFETY: ours.
+            (fd < 0 || unsafe { libc::close(fd) } != 0) as i32
+        }),
+        Ok(0)
+    );
+    assert_eq!(
+        in_jailed_child(Role::Files, || socket(libc::AF_UNIX)),
+        Err(libc::SIGSYS)
+    );
+    assert_eq!(
+        in_jailed_child(Role::Files, || {
+            let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+            // SAFETY: NUL-terminated path and argv; expected to be fatal.
+            unsafe { libc::execv(c"/bin/true".as_ptr(), argv.as_ptr()) }
+        }),
+        Err(libc::SIGSYS)
+    );
+    assert_eq!(
+        in_jailed_child(Role::Files, || {
+            // SAFETY: expected to be fatal.
+            unsafe { libc::ioctl(0, libc::FIONREAD, std::ptr::null_mut::<i32>()) }
         }),
         Err(libc::SIGSYS)
     );
@@ -198,6 +231,14 @@ fn a_jailed_thread_keeps_no_privilege() {
         assert_eq!(field(&status, "CapEff"), "0000000000000000", "{role:?}");
         assert_eq!(field(&status, "CapPrm"), "0000000000000000", "{role:?}");
     }
+    // The file server keeps what it needs to act for the guest's users on shared files (the
+    // tests run as root), and nothing else: no CAP_SYS_ADMIN, CAP_NET_*, CAP_SETUID, ...
+    let status = jailed_status(Role::Files);
+    assert_eq!(field(&status, "Seccomp"), "2");
+    assert_eq!(field(&status, "NoNewPrivs"), "1");
+    assert_eq!(field(&status, "CapEff"), "000000000000001f");
+    assert_eq!(field(&status, "CapPrm"), "000000000000001f");
+    assert_eq!(field(&status, "CapInh"), "0000000000000000");
     // The jail is per thread: this (unjailed) one has no no_new_privs.
     // SAFETY: PR_GET_NO_NEW_PRIVS reads a flag of this thread.
     let no_new_privs = unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) };

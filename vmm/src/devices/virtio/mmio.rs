@@ -90,6 +90,11 @@ impl MmioTransport {
         }
     }
 
+    /// The virtio device type of the device behind the transport.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
     pub fn queue_count(&self) -> usize {
         self.queues.len()
     }

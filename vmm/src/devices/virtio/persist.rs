@@ -16,6 +16,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::block::persist::BlockState;
 use super::block::{Disk, DiskError};
+use super::fs::persist::FsState;
 use super::mmio::MmioTransport;
 use super::net::persist::NetState;
 use super::net::tap::{Tap, TapError};
@@ -33,6 +34,7 @@ pub enum DeviceState {
     Net(NetState),
     Vsock(VsockState),
     Rng(RngState),
+    Fs(FsState),
 }
 
 impl DeviceState {
@@ -43,6 +45,7 @@ impl DeviceState {
             DeviceState::Net(_) => "net",
             DeviceState::Vsock(_) => "vsock",
             DeviceState::Rng(_) => "rng",
+            DeviceState::Fs(_) => "fs",
         }
     }
 
@@ -53,6 +56,7 @@ impl DeviceState {
             DeviceState::Net(_) => &[super::net::device::QUEUE_SIZE; 2],
             DeviceState::Vsock(_) => &[super::vsock::device::QUEUE_SIZE; 3],
             DeviceState::Rng(_) => &[super::rng::device::QUEUE_SIZE],
+            DeviceState::Fs(_) => &super::fs::device::QUEUE_SIZES,
         }
     }
 
@@ -61,7 +65,7 @@ impl DeviceState {
         match self {
             DeviceState::Block(b) => super::block::device::features(b.read_only_offered),
             DeviceState::Net(_) => super::net::device::FEATURES,
-            DeviceState::Vsock(_) | DeviceState::Rng(_) => VIRTIO_F_VERSION_1,
+            DeviceState::Vsock(_) | DeviceState::Rng(_) | DeviceState::Fs(_) => VIRTIO_F_VERSION_1,
         }
     }
 }
@@ -158,7 +162,7 @@ pub struct DeviceOverrides {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
-    #[error("device id {0:?} names no known device kind (block, net, vsock, rng)")]
+    #[error("device id {0:?} names no known device kind (block, net, vsock, rng, fs)")]
     UnknownId(String),
     #[error("device {id}: the snapshot holds a {found} device where the id says {expected}")]
     KindMismatch {
@@ -342,7 +346,7 @@ impl MmioTransport {
         interrupt: Arc<Interrupt>,
     ) -> Result<MmioTransport, PersistError> {
         let kind = id_kind(id).ok_or_else(|| PersistError::UnknownId(id.into()))?;
-        if !["block", "net", "vsock", "rng"].contains(&kind) {
+        if !["block", "net", "vsock", "rng", "fs"].contains(&kind) {
             return Err(PersistError::UnknownId(id.into()));
         }
         if state.device.kind() != kind {
@@ -384,6 +388,10 @@ impl MmioTransport {
             }
             DeviceState::Vsock(s) => Box::new(s.restore(id, overrides.vsock_uds.as_deref())?),
             DeviceState::Rng(s) => Box::new(s.restore()),
+            DeviceState::Fs(s) => Box::new(s.restore().map_err(|reason| PersistError::Device {
+                id: id.into(),
+                reason,
+            })?),
         };
         // What `check` assumed of the kind must be what the device built says of itself.
         if device.queue_max_sizes() != state.device.queue_max_sizes()

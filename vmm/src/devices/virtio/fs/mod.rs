@@ -2,8 +2,11 @@
 //! the FUSE protocol, served by a passthrough file server inside the VMM (docs/volumes.md says
 //! why inside and not an external `virtiofsd`).
 
+pub mod device;
 pub mod host;
+pub mod persist;
 pub mod protocol;
 pub mod server;
 
+pub use device::{Fs, FsError};
 pub use server::{Server, Share, ShareError};

@@ -251,6 +251,12 @@ impl Server {
         Ok(reply)
     }
 
+    /// Ends the FUSE session (the driver reset the device, or the guest unmounted): every
+    /// node and handle is let go; the shares stay.
+    pub fn reset(&mut self) {
+        self.destroy();
+    }
+
     fn destroy(&mut self) {
         self.handles.clear();
         self.nodes.clear();
