@@ -111,7 +111,7 @@ soak: kernel initramfs rootfs vmm cocoon
 # Not in CI: every fuzz target for FUZZ_SECONDS each, one after the other (docs/fuzzing.md).
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
 FUZZ_SECONDS ?= 600
-VMM_FUZZ_TARGETS := vsock_packet blk_request net_header mmio_transport vsock_muxer
+VMM_FUZZ_TARGETS := vsock_packet blk_request net_header mmio_transport vsock_muxer fuse_requests
 fuzz:
 	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
 	set -e; for t in $(VMM_FUZZ_TARGETS); do \

@@ -198,24 +198,23 @@ pub fn sync(fd: &OwnedFd, data_only: bool) -> io::Result<()> {
     .map(drop)
 }
 
-/// Reads at `offset` until `buf` is full or the file ends; returns the bytes read.
-pub fn read_at(fd: &OwnedFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+/// Runs `step(done, position)` (one `pread`/`pwrite` of the part not done yet, at `position`)
+/// until `len` bytes are done or it returns 0; an offset past what the file can hold is
+/// `past_end`. Short only at the end of the file, or after an error that came once something
+/// was done.
+fn positioned(
+    len: usize,
+    offset: u64,
+    past_end: i32,
+    mut step: impl FnMut(usize, i64) -> isize,
+) -> io::Result<usize> {
     let mut done = 0;
-    while done < buf.len() {
+    while done < len {
         let at = offset
             .checked_add(done as u64)
             .and_then(|o| i64::try_from(o).ok())
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-        let n = unsafe {
-            libc::pread64(
-                fd.as_raw_fd(),
-                buf[done..].as_mut_ptr().cast(),
-                buf.len() - done,
-                at,
-            )
-        };
-        match check_size(n) {
+            .ok_or_else(|| io::Error::from_raw_os_error(past_end))?;
+        match check_size(step(done, at)) {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -226,33 +225,35 @@ pub fn read_at(fd: &OwnedFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     Ok(done)
 }
 
-/// Writes all of `data` at `offset`; returns the bytes written (short only after an error
-/// that came once something was written).
+/// Reads at `offset` until `buf` is full or the file ends; returns the bytes read.
+pub fn read_at(fd: &OwnedFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let len = buf.len();
+    positioned(len, offset, libc::EINVAL, |done, at| {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
+        unsafe {
+            libc::pread64(
+                fd.as_raw_fd(),
+                buf[done..].as_mut_ptr().cast(),
+                len - done,
+                at,
+            )
+        }
+    })
+}
+
+/// Writes all of `data` at `offset`; returns the bytes written.
 pub fn write_at(fd: &OwnedFd, data: &[u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < data.len() {
-        let at = offset
-            .checked_add(done as u64)
-            .and_then(|o| i64::try_from(o).ok())
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+    positioned(data.len(), offset, libc::EFBIG, |done, at| {
         // SAFETY: the pointer and length describe the unwritten tail of `data`.
-        let n = unsafe {
+        unsafe {
             libc::pwrite64(
                 fd.as_raw_fd(),
                 data[done..].as_ptr().cast(),
                 data.len() - done,
                 at,
             )
-        };
-        match check_size(n) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) if done > 0 => break,
-            Err(e) => return Err(e),
         }
-    }
-    Ok(done)
+    })
 }
 
 /// One directory entry as `getdents64` gives it.
