@@ -35,9 +35,11 @@ impl Role {
     /// and modes set, files reached whatever their permission bits); every other thread none.
     pub fn kept_capabilities(self) -> u64 {
         match self {
-            // <linux/capability.h>: CAP_CHOWN 0, CAP_DAC_OVERRIDE 1, CAP_DAC_READ_SEARCH 2,
-            // CAP_FOWNER 3, CAP_FSETID 4.
-            Role::Files => 0b1_1111,
+            // <linux/capability.h>: CAP_CHOWN 0, CAP_DAC_OVERRIDE 1, CAP_FOWNER 3. Not
+            // CAP_FSETID: with it, a write to a set-user-ID file would keep the bit (the
+            // kernel clears it for writers without). Not CAP_DAC_READ_SEARCH: no handle
+            // calls (`open_by_handle_at`) are made.
+            Role::Files => 0b1011,
             _ => 0,
         }
     }

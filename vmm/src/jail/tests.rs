@@ -236,8 +236,8 @@ fn a_jailed_thread_keeps_no_privilege() {
     let status = jailed_status(Role::Files);
     assert_eq!(field(&status, "Seccomp"), "2");
     assert_eq!(field(&status, "NoNewPrivs"), "1");
-    assert_eq!(field(&status, "CapEff"), "000000000000001f");
-    assert_eq!(field(&status, "CapPrm"), "000000000000001f");
+    assert_eq!(field(&status, "CapEff"), "000000000000000b");
+    assert_eq!(field(&status, "CapPrm"), "000000000000000b");
     assert_eq!(field(&status, "CapInh"), "0000000000000000");
     // The jail is per thread: this (unjailed) one has no no_new_privs.
     // SAFETY: PR_GET_NO_NEW_PRIVS reads a flag of this thread.

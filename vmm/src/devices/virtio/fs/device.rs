@@ -169,7 +169,7 @@ impl VirtioDevice for Fs {
     fn save(&self) -> DeviceState {
         DeviceState::Fs(super::persist::FsState {
             tag: self.tag.clone(),
-            in_use: self.server.node_count() > 0,
+            in_use: self.server.in_use(),
         })
     }
 }

@@ -26,10 +26,14 @@ use super::protocol::{
     opcode, setattr_valid,
 };
 
-/// Most nodes the guest may hold at once (each is an open descriptor in the VMM).
+/// Most nodes the guest may hold at once (each is an open descriptor in the VMM), when the
+/// process's descriptor limit allows.
 pub const MAX_NODES: usize = 32 * 1024;
-/// Most open files and directories at once.
+/// Most open files and directories at once, likewise.
 pub const MAX_HANDLES: usize = 4096;
+/// Descriptors left to the rest of the VMM (disks, TAPs, vsock connections, snapshots)
+/// whatever the guest holds.
+const RESERVED_FDS: u64 = 1024;
 /// Largest read or write, and what `INIT` offers as `max_write`.
 pub const MAX_IO: u32 = 1 << 20;
 const MAX_PAGES: u16 = (MAX_IO / 4096) as u16;
@@ -81,6 +85,8 @@ pub struct Server {
     next_node: u64,
     handles: HashMap<u64, Handle>,
     next_handle: u64,
+    max_nodes: usize,
+    max_handles: usize,
 }
 
 impl Default for Server {
@@ -125,8 +131,13 @@ fn io_err(e: io::Error) -> i32 {
 }
 
 impl Server {
+    /// A server without shares. Raises the process's descriptor limit, and bounds its tables
+    /// so that what the guest holds never takes the descriptors the rest of the VMM needs.
     pub fn new() -> Self {
+        let budget = host::raise_fd_limit().saturating_sub(RESERVED_FDS) as usize;
         Server {
+            max_nodes: MAX_NODES.min(budget / 10 * 9),
+            max_handles: MAX_HANDLES.min(budget / 10),
             shares: Vec::new(),
             nodes: HashMap::new(),
             by_key: HashMap::new(),
@@ -159,6 +170,12 @@ impl Server {
 
     pub fn share_names(&self) -> impl Iterator<Item = &str> {
         self.shares.iter().map(|s| s.name.as_str())
+    }
+
+    /// Whether the guest holds any node or open handle (a FUSE session a snapshot cannot
+    /// carry).
+    pub fn in_use(&self) -> bool {
+        !self.nodes.is_empty() || !self.handles.is_empty()
     }
 
     /// Nodes the guest holds (for tests and metrics).
@@ -303,7 +320,7 @@ impl Server {
                 id
             }
             None => {
-                if self.nodes.len() >= MAX_NODES {
+                if self.nodes.len() >= self.max_nodes {
                     return Err(libc::ENFILE);
                 }
                 let id = self.next_node;
@@ -519,10 +536,22 @@ impl Server {
         dir: RawFd,
         share: usize,
         name: &CString,
+        kind: u32,
         mode: Option<u32>,
     ) -> Outcome {
         let fd = host::open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0).map_err(io_err)?;
+        // Another writer of the host directory may have swapped the name since: only the
+        // node just made (of its kind, and no other name's if not a directory) is given away.
+        let st = host::stat(fd.as_raw_fd()).map_err(io_err)?;
+        if st.st_mode & libc::S_IFMT != kind || (kind != libc::S_IFDIR && st.st_nlink != 1) {
+            return Err(libc::EEXIST);
+        }
         self.own(h, &fd, mode)?;
+        self.entry(h, fd, share)
+    }
+
+    /// The entry reply for node `fd`, which the guest now holds one more lookup of.
+    fn entry(&mut self, h: &InHeader, fd: OwnedFd, share: usize) -> Outcome {
         let mut reply = Reply::ok(h.unique);
         self.remember(fd, share, &mut reply)?;
         Ok(reply)
@@ -551,7 +580,7 @@ impl Server {
         let target = CString::new(target).map_err(|_| libc::EINVAL)?;
         let (dir, share) = self.parent(h.nodeid, true)?;
         host::symlink_at(&target, dir, &name).map_err(io_err)?;
-        self.made(h, dir, share, &name, None)
+        self.made(h, dir, share, &name, libc::S_IFLNK, None)
     }
 
     fn mknod(&mut self, h: &InHeader, r: &mut Reader) -> Outcome {
@@ -566,7 +595,7 @@ impl Server {
         let (dir, share) = self.parent(h.nodeid, true)?;
         let perm = host_mode(mode, false);
         host::mknod_at(dir, &name, kind | perm).map_err(io_err)?;
-        self.made(h, dir, share, &name, Some(perm))
+        self.made(h, dir, share, &name, kind, Some(perm))
     }
 
     fn mkdir(&mut self, h: &InHeader, r: &mut Reader) -> Outcome {
@@ -576,7 +605,7 @@ impl Server {
         let (dir, share) = self.parent(h.nodeid, true)?;
         let perm = host_mode(mode, true);
         host::mkdir_at(dir, &name, perm).map_err(io_err)?;
-        self.made(h, dir, share, &name, Some(perm))
+        self.made(h, dir, share, &name, libc::S_IFDIR, Some(perm))
     }
 
     fn unlink(&mut self, h: &InHeader, r: &mut Reader, flags: i32) -> Outcome {
@@ -600,8 +629,12 @@ impl Server {
         }
         let old = component(r.c_str().map_err(|_| libc::EINVAL)?)?;
         let new = component(r.c_str().map_err(|_| libc::EINVAL)?)?;
-        let (old_dir, _) = self.parent(h.nodeid, true)?;
-        let (new_dir, _) = self.parent(new_parent, true)?;
+        let (old_dir, old_share) = self.parent(h.nodeid, true)?;
+        let (new_dir, new_share) = self.parent(new_parent, true)?;
+        // As for links: an inode (its owner, its other names) never moves between shares.
+        if old_share != new_share {
+            return Err(libc::EXDEV);
+        }
         host::rename_at(old_dir, &old, new_dir, &new, flags).map_err(io_err)?;
         Ok(Reply::ok(h.unique))
     }
@@ -619,11 +652,13 @@ impl Server {
             return Err(libc::EPERM);
         }
         host::link_at(old.fd.as_raw_fd(), dir, &name).map_err(io_err)?;
-        self.made(h, dir, share, &name, None)
+        // A new name for an inode that exists: its owner and mode stay what they are.
+        let fd = host::open_at(dir, &name, libc::O_PATH | libc::O_NOFOLLOW, 0).map_err(io_err)?;
+        self.entry(h, fd, share)
     }
 
     fn add_handle(&mut self, handle: Handle) -> Result<u64, i32> {
-        if self.handles.len() >= MAX_HANDLES {
+        if self.handles.len() >= self.max_handles {
             return Err(libc::ENFILE);
         }
         let fh = self.next_handle;
@@ -680,25 +715,49 @@ impl Server {
         let name = component(r.c_str().map_err(e)?)?;
         let (dir, share) = self.parent(h.nodeid, true)?;
         let open = self.open_flags(flags, false)?;
-        let exclusive = flags as i32 & libc::O_EXCL;
+        let exclusive = flags as i32 & libc::O_EXCL != 0;
         let perm = host_mode(mode, false);
-        let file = host::open_at(
+        // Made here, or (without O_EXCL) a file that already had the name: only a file made
+        // here is given the caller's ownership and mode.
+        let made = host::open_at(
             dir,
             &name,
-            open | libc::O_CREAT | exclusive | libc::O_NOFOLLOW,
+            open | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
             perm,
-        )
-        .map_err(io_err)?;
-        let st = host::stat(file.as_raw_fd()).map_err(io_err)?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(libc::ENXIO);
-        }
-        // The node is the inode just opened, not whatever the name means by now.
-        let node_fd = host::reopen(file.as_raw_fd(), libc::O_PATH).map_err(io_err)?;
-        self.own(h, &node_fd, Some(perm))?;
-        let mut reply = Reply::ok(h.unique);
-        self.remember(node_fd, share, &mut reply)?;
+        );
+        let (file, node_fd) = match made {
+            Ok(file) => {
+                // The node is the inode just made, not whatever the name means by now.
+                let node_fd = host::reopen(file.as_raw_fd(), libc::O_PATH).map_err(io_err)?;
+                self.own(h, &node_fd, Some(perm))?;
+                (file, node_fd)
+            }
+            Err(e) if errno(&e) == libc::EEXIST && !exclusive => {
+                // Looked at before it is opened: a FIFO would block the server, a device
+                // node is the host's device.
+                let node_fd = host::open_at(dir, &name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                    .map_err(io_err)?;
+                let st = host::stat(node_fd.as_raw_fd()).map_err(io_err)?;
+                match st.st_mode & libc::S_IFMT {
+                    libc::S_IFREG => {}
+                    libc::S_IFDIR => return Err(libc::EISDIR),
+                    _ => return Err(libc::ENXIO),
+                }
+                let file = host::reopen(node_fd.as_raw_fd(), open).map_err(io_err)?;
+                if flags as i32 & libc::O_TRUNC != 0 {
+                    host::truncate(&file, 0).map_err(io_err)?;
+                }
+                (file, node_fd)
+            }
+            Err(e) => return Err(errno(&e)),
+        };
+        // The handle first: a node the guest never hears of would never be forgotten.
         let fh = self.add_handle(Handle::File(file))?;
+        let mut reply = Reply::ok(h.unique);
+        if let Err(e) = self.remember(node_fd, share, &mut reply) {
+            self.handles.remove(&fh);
+            return Err(e);
+        }
         reply.u64(fh).u32(0).u32(0);
         Ok(reply)
     }
@@ -742,8 +801,9 @@ impl Server {
     fn statfs(&mut self, h: &InHeader) -> Outcome {
         let mut reply = Reply::ok(h.unique);
         if h.nodeid == ROOT_ID {
+            // fuse_kstatfs: five counts, bsize, namelen, frsize, padding, spare[6].
             reply
-                .bytes(&[0; 32])
+                .bytes(&[0; 40])
                 .u32(4096)
                 .u32(255)
                 .u32(4096)

@@ -58,13 +58,20 @@ fn server(s: &Scratch) -> Server {
 }
 
 fn request(opcode: u32, nodeid: u64, body: &[u8]) -> Vec<u8> {
+    request_as(0, opcode, nodeid, body)
+}
+
+/// A request from the guest user `uid` (and group `uid`).
+fn request_as(uid: u32, opcode: u32, nodeid: u64, body: &[u8]) -> Vec<u8> {
     let mut req = Vec::new();
     req.extend_from_slice(&((protocol::IN_HEADER_LEN + body.len()) as u32).to_le_bytes());
     req.extend_from_slice(&opcode.to_le_bytes());
     req.extend_from_slice(&42u64.to_le_bytes());
     req.extend_from_slice(&nodeid.to_le_bytes());
-    // uid and gid 0 (the guest's root), pid, extensions
-    req.extend_from_slice(&[0; 16]);
+    req.extend_from_slice(&uid.to_le_bytes());
+    req.extend_from_slice(&uid.to_le_bytes());
+    // pid, extensions
+    req.extend_from_slice(&[0; 8]);
     req.extend_from_slice(body);
     req
 }
@@ -322,6 +329,120 @@ fn special_files_are_never_opened_and_devices_never_made() {
         call(&mut server, opcode::LINK, vol, &link),
         Err(libc::ENOENT)
     );
+}
+
+#[test]
+fn linking_or_recreating_a_file_does_not_take_it_over() {
+    // SAFETY: reads this process's effective uid.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: ownership changes need root");
+        return;
+    }
+    let s = Scratch::new("takeover");
+    let path = s.share().join("roots");
+    fs::write(&path, b"root's").unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    let mut server = server(&s);
+    let (vol, _) = lookup(&mut server, ROOT_ID, "vol").unwrap();
+    let (file, _) = lookup(&mut server, vol, "roots").unwrap();
+    let owner = |p: &Path| {
+        let m = fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    // Guest user 1234 links it and creates it again without O_EXCL.
+    let mut link = file.to_le_bytes().to_vec();
+    link.extend_from_slice(&name("mine"));
+    let reply = server
+        .handle(&request_as(1234, opcode::LINK, vol, &link))
+        .unwrap();
+    assert_eq!(i32::from_le_bytes(reply[4..8].try_into().unwrap()), 0);
+    let mut create = Vec::new();
+    for v in [libc::O_RDONLY as u32, libc::S_IFREG | 0o777, 0, 0] {
+        create.extend_from_slice(&v.to_le_bytes());
+    }
+    create.extend_from_slice(&name("roots"));
+    let reply = server
+        .handle(&request_as(1234, opcode::CREATE, vol, &create))
+        .unwrap();
+    assert_eq!(i32::from_le_bytes(reply[4..8].try_into().unwrap()), 0);
+    assert_eq!(
+        owner(&path),
+        (0, 0, 0o600),
+        "the existing file stays root's"
+    );
+    // With O_EXCL the name is taken; a new name is the caller's.
+    create[..4].copy_from_slice(&((libc::O_RDWR | libc::O_EXCL) as u32).to_le_bytes());
+    let reply = server
+        .handle(&request_as(1234, opcode::CREATE, vol, &create))
+        .unwrap();
+    assert_eq!(
+        i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+        -libc::EEXIST
+    );
+    let at = create.len() - name("roots").len();
+    create.truncate(at);
+    create.extend_from_slice(&name("new"));
+    server
+        .handle(&request_as(1234, opcode::CREATE, vol, &create))
+        .unwrap();
+    assert_eq!(owner(&s.share().join("new")), (1234, 1234, 0o777));
+}
+
+#[test]
+fn creating_over_a_fifo_neither_blocks_nor_opens_it() {
+    let s = Scratch::new("createfifo");
+    let mut server = server(&s);
+    let (vol, _) = lookup(&mut server, ROOT_ID, "vol").unwrap();
+    mknod(&mut server, vol, "p", libc::S_IFIFO | 0o666).unwrap();
+    // Without O_EXCL, on a FIFO nobody writes to: an open would block the server for ever.
+    let mut body = Vec::new();
+    for v in [libc::O_RDONLY as u32, libc::S_IFREG | 0o644, 0, 0] {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    body.extend_from_slice(&name("p"));
+    assert_eq!(
+        call(&mut server, opcode::CREATE, vol, &body),
+        Err(libc::ENXIO)
+    );
+    fs::create_dir(s.share().join("d")).unwrap();
+    let at = body.len() - 2;
+    body.truncate(at);
+    body.extend_from_slice(&name("d"));
+    assert_eq!(
+        call(&mut server, opcode::CREATE, vol, &body),
+        Err(libc::EISDIR)
+    );
+}
+
+#[test]
+fn renames_stay_in_their_share_and_the_root_statfs_is_whole() {
+    let s = Scratch::new("crossshare");
+    fs::create_dir(s.share().join("a")).unwrap();
+    fs::create_dir(s.share().join("b")).unwrap();
+    fs::write(s.share().join("a/f"), b"x").unwrap();
+    let mut server = Server::new();
+    for share in ["a", "b"] {
+        server
+            .add_share(Share {
+                name: share.into(),
+                root: open_path(&s.share().join(share)),
+                read_only: false,
+            })
+            .unwrap();
+    }
+    let (a, _) = lookup(&mut server, ROOT_ID, "a").unwrap();
+    let (b, _) = lookup(&mut server, ROOT_ID, "b").unwrap();
+    let mut rename = b.to_le_bytes().to_vec();
+    rename.extend_from_slice(&name("f"));
+    rename.extend_from_slice(&name("f"));
+    assert_eq!(
+        call(&mut server, opcode::RENAME, a, &rename),
+        Err(libc::EXDEV)
+    );
+    assert!(s.share().join("a/f").exists());
+    let statfs = call(&mut server, opcode::STATFS, ROOT_ID, &[]).unwrap();
+    assert_eq!(statfs.len(), 80, "a whole fuse_kstatfs");
+    assert_eq!(u32_at(&statfs, 44), 255, "namelen");
 }
 
 #[test]
