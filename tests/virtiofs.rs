@@ -37,6 +37,9 @@ check device mknod /mnt/vol/null c 1 3
 check fifo mknod /mnt/vol/fifo p
 check ro-write sh -c 'echo x > /mnt/ro/nope'
 check ro-unlink rm /mnt/ro/from-host
+check open-dir sh -c 'mkdir /mnt/vol/open && chmod 777 /mnt/vol/open'
+check user-write su -s /bin/sh guest -c 'echo mine > /mnt/vol/open/by-user'
+check user-denied su -s /bin/sh guest -c 'echo x >> /mnt/vol/from-host'
 check durable dd if=/mnt/vol/from-host of=/mnt/vol/durable conv=fsync
 echo READY-TO-KILL
 sleep 1000
@@ -76,7 +79,7 @@ fn a_shared_directory_is_live_both_ways_and_confined() {
     }
     let scratch = Scratch::new("virtiofs");
     let stage = scratch.path("stage");
-    for dir in ["bin", "dev", "proc", "mnt"] {
+    for dir in ["bin", "dev", "proc", "mnt", "etc"] {
         std::fs::create_dir_all(stage.join(dir)).unwrap();
     }
     std::fs::copy(&busybox, stage.join("bin/busybox")).unwrap();
@@ -90,6 +93,13 @@ fn a_shared_directory_is_live_both_ways_and_confined() {
         .unwrap();
     assert!(status.success(), "mknod (the tests run as root)");
     std::fs::write(stage.join("init"), INIT).unwrap();
+    // A non-root user in the guest, as a container's `USER`.
+    std::fs::write(
+        stage.join("etc/passwd"),
+        "root:x:0:0::/:/bin/sh\nguest:x:1000:1000::/:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(stage.join("etc/group"), "root:x:0:\nguest:x:1000:\n").unwrap();
     std::fs::set_permissions(stage.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let initrd = scratch.path("initrd.cpio");
     cpio(&stage, &initrd);
@@ -157,7 +167,17 @@ fn a_shared_directory_is_live_both_ways_and_confined() {
             .to_owned()
     };
     for ok in [
-        "mount", "write", "many", "big", "rename", "unlink", "setuid", "fifo", "durable",
+        "mount",
+        "write",
+        "many",
+        "big",
+        "rename",
+        "unlink",
+        "setuid",
+        "fifo",
+        "durable",
+        "open-dir",
+        "user-write",
     ] {
         assert_eq!(check(ok), "0", "{ok} failed; console:\n{console}");
     }
@@ -186,6 +206,20 @@ fn a_shared_directory_is_live_both_ways_and_confined() {
     assert_eq!(
         value(&console, "GUESTSUM"),
         host_sum.split_whitespace().next()
+    );
+    // A file a non-root guest user makes is that user's on the host; a root-owned file it
+    // may not write stays as it was (the guest kernel checks permissions on our attributes).
+    use std::os::unix::fs::MetadataExt;
+    let by_user = std::fs::metadata(vol.join("open/by-user")).unwrap();
+    assert_eq!((by_user.uid(), by_user.gid()), (1000, 1000));
+    assert_eq!(
+        std::fs::read_to_string(vol.join("open/by-user")).unwrap(),
+        "mine\n"
+    );
+    assert_ne!(check("user-denied"), "0", "console:\n{console}");
+    assert_eq!(
+        std::fs::read_to_string(vol.join("from-host")).unwrap(),
+        "made on the host\n"
     );
     // No set-user-ID bit reaches the host.
     let mode = std::fs::metadata(vol.join("renamed"))

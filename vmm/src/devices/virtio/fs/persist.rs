@@ -26,3 +26,34 @@ impl FsState {
         Fs::new(&self.tag).map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_device_the_guest_never_used_restores() {
+        let unused = FsState {
+            tag: "cocoon".into(),
+            in_use: false,
+        };
+        assert_eq!(unused.restore().unwrap().tag(), "cocoon");
+        let used = FsState {
+            in_use: true,
+            ..unused.clone()
+        };
+        assert!(
+            used.restore()
+                .err()
+                .is_some_and(|e| e.contains("FUSE session"))
+        );
+        let bad_tag = FsState {
+            tag: String::new(),
+            ..unused
+        };
+        assert!(
+            bad_tag.restore().is_err(),
+            "a snapshot's tag is checked too"
+        );
+    }
+}

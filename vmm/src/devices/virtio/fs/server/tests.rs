@@ -116,12 +116,18 @@ fn lookup(server: &mut Server, parent: u64, n: &str) -> Result<(u64, u32), i32> 
     call(server, opcode::LOOKUP, parent, &name(n)).map(|r| entry(&r))
 }
 
-fn create(server: &mut Server, parent: u64, n: &str, mode: u32) -> Result<(u64, u64), i32> {
+/// A `CREATE` body: `fuse_create_in` (flags, mode, umask, open_flags), then the name.
+fn create_body(flags: i32, mode: u32, n: &str) -> Vec<u8> {
     let mut body = Vec::new();
-    for v in [libc::O_RDWR as u32, libc::S_IFREG | mode, 0o022, 0] {
+    for v in [flags as u32, libc::S_IFREG | mode, 0o022, 0] {
         body.extend_from_slice(&v.to_le_bytes());
     }
     body.extend_from_slice(&name(n));
+    body
+}
+
+fn create(server: &mut Server, parent: u64, n: &str, mode: u32) -> Result<(u64, u64), i32> {
+    let body = create_body(libc::O_RDWR, mode, n);
     let r = call(server, opcode::CREATE, parent, &body)?;
     Ok((entry(&r).0, u64_at(&r, 40 + 88)))
 }
@@ -356,11 +362,7 @@ fn linking_or_recreating_a_file_does_not_take_it_over() {
         .handle(&request_as(1234, opcode::LINK, vol, &link))
         .unwrap();
     assert_eq!(i32::from_le_bytes(reply[4..8].try_into().unwrap()), 0);
-    let mut create = Vec::new();
-    for v in [libc::O_RDONLY as u32, libc::S_IFREG | 0o777, 0, 0] {
-        create.extend_from_slice(&v.to_le_bytes());
-    }
-    create.extend_from_slice(&name("roots"));
+    let create = create_body(libc::O_RDONLY, 0o777, "roots");
     let reply = server
         .handle(&request_as(1234, opcode::CREATE, vol, &create))
         .unwrap();
@@ -371,7 +373,7 @@ fn linking_or_recreating_a_file_does_not_take_it_over() {
         "the existing file stays root's"
     );
     // With O_EXCL the name is taken; a new name is the caller's.
-    create[..4].copy_from_slice(&((libc::O_RDWR | libc::O_EXCL) as u32).to_le_bytes());
+    let create = create_body(libc::O_RDWR | libc::O_EXCL, 0o777, "roots");
     let reply = server
         .handle(&request_as(1234, opcode::CREATE, vol, &create))
         .unwrap();
@@ -379,9 +381,7 @@ fn linking_or_recreating_a_file_does_not_take_it_over() {
         i32::from_le_bytes(reply[4..8].try_into().unwrap()),
         -libc::EEXIST
     );
-    let at = create.len() - name("roots").len();
-    create.truncate(at);
-    create.extend_from_slice(&name("new"));
+    let create = create_body(libc::O_RDWR | libc::O_EXCL, 0o777, "new");
     server
         .handle(&request_as(1234, opcode::CREATE, vol, &create))
         .unwrap();
@@ -395,19 +395,13 @@ fn creating_over_a_fifo_neither_blocks_nor_opens_it() {
     let (vol, _) = lookup(&mut server, ROOT_ID, "vol").unwrap();
     mknod(&mut server, vol, "p", libc::S_IFIFO | 0o666).unwrap();
     // Without O_EXCL, on a FIFO nobody writes to: an open would block the server for ever.
-    let mut body = Vec::new();
-    for v in [libc::O_RDONLY as u32, libc::S_IFREG | 0o644, 0, 0] {
-        body.extend_from_slice(&v.to_le_bytes());
-    }
-    body.extend_from_slice(&name("p"));
+    let body = create_body(libc::O_RDONLY, 0o644, "p");
     assert_eq!(
         call(&mut server, opcode::CREATE, vol, &body),
         Err(libc::ENXIO)
     );
     fs::create_dir(s.share().join("d")).unwrap();
-    let at = body.len() - 2;
-    body.truncate(at);
-    body.extend_from_slice(&name("d"));
+    let body = create_body(libc::O_RDONLY, 0o644, "d");
     assert_eq!(
         call(&mut server, opcode::CREATE, vol, &body),
         Err(libc::EISDIR)
