@@ -96,6 +96,7 @@ bench: kernel initramfs rootfs debian-image vmm cocoon
 	python3 bench/vsock.py
 	python3 bench/net.py
 	python3 bench/network.py
+	python3 bench/volumes.py
 	python3 bench/agent.py
 	python3 bench/snapshot.py
 	python3 bench/runtime.py

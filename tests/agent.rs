@@ -442,7 +442,7 @@ fn run_owning(guest: &Guest, id: &str, script: &str, guest_network: bool) -> Out
             container_id: id.into(),
             spec: to_spec(spec),
             layers: vec![guest.disk.clone()],
-            host_files: None,
+            shares: false,
             stdio: StdioConfig {
                 stdout: true,
                 stderr: true,
@@ -850,7 +850,7 @@ fn counters_show_what_the_container_path_costs_the_guest() {
                     container_id: id.clone(),
                     spec: to_spec(with_network.clone()),
                     layers: vec![guest.disk.clone()],
-                    host_files: None,
+                    shares: false,
                     stdio: StdioConfig::default(),
                     owns_guest,
                     // The guest's network, as the runtime asks when the engine gave one.

@@ -17,17 +17,24 @@ fn containerd_runs_tasks_through_its_runc_shim() {
     };
     let runc_binary = cocoon.to_str().unwrap().to_owned();
 
-    // ctr run: output and exit status through the runc shim.
+    // ctr run: output and exit status through the runc shim, and a bind mount in the spec
+    // shared with the microVM both ways.
+    let vol = scratch.path("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("in"), "from-host\n").unwrap();
+    let mount = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
     let out = containerd.ctr(&[
         "run",
         "--rm",
         "--runc-binary",
         &runc_binary,
+        "--mount",
+        &mount,
         IMAGE,
         "c1",
         "sh",
         "-c",
-        "echo hi; exit 3",
+        "cat /data/in; echo from-ctr > /data/out; exit 3",
     ]);
     assert_eq!(
         out.status.code(),
@@ -35,7 +42,11 @@ fn containerd_runs_tasks_through_its_runc_shim() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-host\n");
+    assert_eq!(
+        std::fs::read_to_string(vol.join("out")).unwrap(),
+        "from-ctr\n"
+    );
 
     // run -d, task exec, task kill (SIGTERM), delete.
     let script = "trap 'exit 0' TERM; while true; do sleep 1; done";

@@ -792,6 +792,11 @@ fn debian_image_under_podman() {
 
     let mut checks = Checks::new("debian-podman");
     let started = Instant::now();
+    // A volume the non-root user may write to.
+    let vol = scratch.path("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::os::unix::fs::chown(&vol, Some(1000), Some(1000)).unwrap();
+    let volume = format!("{}:/data", vol.display());
     // Non-root, with groups of its own; the checks that need root exec as root.
     podman.ok(&[
         "run",
@@ -804,6 +809,8 @@ fn debian_image_under_podman() {
         "2000",
         "--group-add",
         "3000",
+        "-v",
+        &volume,
         PODMAN_IMAGE,
         "sleep",
         "1000",
@@ -829,6 +836,29 @@ fn debian_image_under_podman() {
         &[None, Some("1000:1000"), Some("0:0")],
     );
 
+    checks.check(
+        "the non-root user's writes to a volume are on the host, as its own",
+        || {
+            let script = "echo written-by-$(id -u) > /data/note && python3 -c \
+                      'import os; print(open(\"/data/from-host\").read(), end=\"\")'";
+            std::fs::write(vol.join("from-host"), "host-says-hi\n").map_err(|e| e.to_string())?;
+            let out = succeeded(
+                "the volume write",
+                container.exec(None, &["sh", "-c", script]),
+            )?;
+            let note = vol.join("note");
+            let meta = std::fs::metadata(&note).map_err(|e| format!("{}: {e}", note.display()))?;
+            let text = std::fs::read_to_string(&note).map_err(|e| e.to_string())?;
+            use std::os::unix::fs::MetadataExt;
+            if (meta.uid(), meta.gid()) != (1000, 1000) || text != "written-by-1000\n" {
+                return Err(format!("{}:{} {text:?}", meta.uid(), meta.gid()));
+            }
+            let out = String::from_utf8_lossy(&out);
+            (out == "host-says-hi\n")
+                .then_some(())
+                .ok_or(format!("read {out:?}"))
+        },
+    );
     checks.check("podman rm --force --time 0", || {
         succeeded(
             "podman rm",

@@ -104,7 +104,7 @@ impl Guest {
             container_id: id.into(),
             spec: to_spec(spec),
             layers: vec![self.disk.clone()],
-            host_files: None,
+            shares: false,
             stdio,
             // Many containers share this guest.
             owns_guest: false,

@@ -60,9 +60,9 @@ pub struct Config {
     /// Jail the VMM's threads (seccomp allowlists, no capabilities, not dumpable; see
     /// docs/security.md). Off only to debug a filter.
     pub seccomp: bool,
-    /// At most this many MiB of host files (bind mounts' sources) are copied into a
-    /// container's image; a create that would copy more fails, naming the mount.
-    pub host_files_max_mib: u64,
+    /// From releases that copied bind mounts' sources into an image: accepted, ignored (they
+    /// are shared over virtio-fs now, nothing is copied).
+    pub host_files_max_mib: Option<u64>,
     /// A cached layer image no VM holds open and no `create` has used for this many hours is
     /// removed (`cocoon gc`, and `create` at most once an hour).
     pub layer_cache_max_age_hours: u64,
@@ -95,7 +95,7 @@ impl Default for Config {
             templates: true,
             template_dir: PathBuf::from("/var/lib/cocoon/templates"),
             seccomp: true,
-            host_files_max_mib: 1024,
+            host_files_max_mib: None,
             layer_cache_max_age_hours: 168,
         }
     }
@@ -132,6 +132,13 @@ impl Config {
             tracing::warn!(
                 "{}: boot_timeout_secs is ignored: waits on a guest are judged by its progress \
                  (guest_cpu_budget_secs, guest_idle_secs; docs/cli.md)",
+                path.display()
+            );
+        }
+        if config.host_files_max_mib.is_some() {
+            tracing::warn!(
+                "{}: host_files_max_mib is ignored: bind mounts are shared with the microVM \
+                 over virtio-fs, not copied (docs/volumes.md)",
                 path.display()
             );
         }

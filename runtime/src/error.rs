@@ -38,6 +38,8 @@ pub enum Error {
     #[error("{0}")]
     Image(#[from] crate::images::ImageError),
     #[error("{0}")]
+    Share(#[from] crate::shares::ShareError),
+    #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
     #[error("{0}")]
     Hook(#[from] crate::hooks::HookError),
@@ -66,15 +68,8 @@ pub enum Error {
     },
     #[error("corrupt {path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error(
-        "the root filesystem needs {layers} disk images{} but a microVM has {slots} disk slots",
-        if *host_files { " and one more for the host files" } else { "" }
-    )]
-    TooManyLayers {
-        layers: usize,
-        host_files: bool,
-        slots: usize,
-    },
+    #[error("the root filesystem needs {layers} disk images but a microVM has {slots} disk slots")]
+    TooManyLayers { layers: usize, slots: usize },
     #[error("the process has a terminal: --console-socket is required")]
     ConsoleSocketRequired,
     #[error("container not running")]

@@ -25,22 +25,6 @@ pub enum ImageError {
     },
     #[error("mkfs.erofs failed for {dir}: {message}")]
     Mkfs { dir: PathBuf, message: String },
-    #[error(
-        "mount {destination}: {path} is a {kind}: only files and directories can be copied into the microVM"
-    )]
-    HostFileKind {
-        destination: PathBuf,
-        path: PathBuf,
-        kind: &'static str,
-    },
-    #[error(
-        "mount {destination}: copying {path} takes the host files past {limit_mib} MiB (host_files_max_mib in the configuration)"
-    )]
-    HostFilesTooLarge {
-        destination: PathBuf,
-        path: PathBuf,
-        limit_mib: u64,
-    },
 }
 
 pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImageError {

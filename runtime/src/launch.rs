@@ -1,6 +1,6 @@
 //! What a container's sandbox is made of, settled by `create` before its monitor starts and
 //! written to `launch.json` in the container's directory: the spec as the guest will see it,
-//! the layer images, the host files' image, the VM's size and boot files.
+//! the layer images, the host files shared with it, the VM's size and boot files.
 
 use std::path::{Path, PathBuf};
 
@@ -12,23 +12,23 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::progress::GuestLimits;
 use crate::sandbox::StartPlan;
+use crate::shares::HostShare;
 use crate::state::{ContainerDir, Record, process_start_time, rfc3339, write_atomically};
 use crate::{hooks, images};
 
 pub const LAUNCH_FILE: &str = "launch.json";
 
-/// The disks a container's VM can have: its layers' images and the host files' image. The
-/// template for containers with many layers has this many slots (every virtio device but the
-/// vsock's and one NIC's), and a cold-booted VM has room for as many.
+/// The disks a container's VM can have: its layers' images. The template for containers with
+/// many layers has this many slots (every virtio device but the vsock's, the file server's
+/// and one NIC's), and a cold-booted VM has room for as many.
 pub const MAX_DISKS: usize = crate::template::MAX_SLOTS;
 
 /// Refuses, at `create`, a container whose images would not fit the VM's disk slots: the VM
 /// itself would only fail later, while it is being made.
-fn check_disks(layers: usize, host_files: bool) -> Result<(), Error> {
-    if layers + usize::from(host_files) > MAX_DISKS {
+fn check_disks(layers: usize) -> Result<(), Error> {
+    if layers > MAX_DISKS {
         return Err(Error::TooManyLayers {
             layers,
-            host_files,
             slots: MAX_DISKS,
         });
     }
@@ -39,8 +39,10 @@ fn check_disks(layers: usize, host_files: bool) -> Result<(), Error> {
 pub struct Launch {
     pub spec: Spec,
     pub images: Vec<PathBuf>,
-    /// The image of the host files the spec bind-mounts (see host_files.rs).
-    pub host_files: Option<PathBuf>,
+    /// The host files the spec bind-mounts, shared with the guest (see shares.rs); the spec's
+    /// mounts name them where the guest sees them.
+    #[serde(default)]
+    pub shares: Vec<HostShare>,
     pub console_socket: Option<PathBuf>,
     pub cpus: u8,
     pub memory_mib: u64,
@@ -141,12 +143,9 @@ fn settle(
     let console_socket = request.console_socket;
     // Counted before any image is built: too many is a quick error, not minutes of mkfs.
     let layer_count = images::image_count(&bundle.rootfs);
-    check_disks(layer_count, false)?;
+    check_disks(layer_count)?;
     let mut spec = bundle.spec.clone();
-    let staging = dir.file("host");
-    let limit = config.host_files_max_mib.saturating_mul(1 << 20);
-    let staged = crate::host_files::stage(&mut spec, &dir.id, &staging, limit)?;
-    check_disks(layer_count, staged)?;
+    let shares = crate::shares::plan(&mut spec)?;
     let layers = images::images_for(&bundle.rootfs, &config.layer_cache, &dir.path)?;
     // This container's layers are open by none yet, but were touched just now.
     match crate::layer_cache::collect_if_due(&config.layer_cache, config.layer_cache_max_age()) {
@@ -159,20 +158,12 @@ fn settle(
         Err(e) => tracing::warn!("collecting the layer cache: {e}"),
     }
     // Again: an empty upper layer may have gained its first file meanwhile.
-    check_disks(layers.len(), staged)?;
-    let host_files = if staged {
-        let image = dir.file("host.erofs");
-        images::build_image(&staging, &image)?;
-        let _ = std::fs::remove_dir_all(&staging);
-        Some(image)
-    } else {
-        None
-    };
+    check_disks(layers.len())?;
     let (cpus, memory_mib) = vm_size(&bundle.spec, config);
     Ok(Launch {
         spec,
         images: layers.into_iter().map(|l| l.image).collect(),
-        host_files,
+        shares,
         console_socket: console_socket.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.into())),
         cpus,
         memory_mib,
@@ -244,19 +235,17 @@ mod tests {
 
     #[test]
     fn too_many_layers_are_refused_naming_both_numbers() {
-        check_disks(MAX_DISKS, false).unwrap();
-        check_disks(MAX_DISKS - 1, true).unwrap();
-        let error = check_disks(MAX_DISKS + 1, false).unwrap_err().to_string();
+        check_disks(MAX_DISKS).unwrap();
+        let error = check_disks(MAX_DISKS + 1).unwrap_err().to_string();
         assert!(
             error.contains(&format!("{} disk images", MAX_DISKS + 1))
                 && error.contains(&format!("{MAX_DISKS} disk slots")),
             "{error}"
         );
-        let error = check_disks(MAX_DISKS, true).unwrap_err().to_string();
-        assert!(error.contains("one more for the host files"), "{error}");
-        // What the VMM itself would take: every disk with the vsock device and one NIC.
+        // What the VMM itself would take: every disk with the vsock and virtio-fs devices
+        // and one NIC.
         assert_eq!(
-            MAX_DISKS + 2,
+            MAX_DISKS + 3,
             cocoon_vmm::arch::x86_64::layout::VIRTIO_MAX_DEVICES
         );
     }

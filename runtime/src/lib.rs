@@ -1,8 +1,8 @@
 //! cocoon-runtime: what every cocoon front end shares. A front end (the runc-style `cocoon`
 //! CLI, the containerd shim) turns its engine's requests into calls here:
 //!
-//! - `bundle`, `images`, `host_files`: an OCI bundle checked, its root filesystem as EROFS
-//!   layer images, the host files it bind-mounts as one more image;
+//! - `bundle`, `images`, `shares`: an OCI bundle checked, its root filesystem as EROFS
+//!   layer images, the host files it bind-mounts shared with the guest over virtio-fs;
 //! - `launch`: what a container's sandbox needs, written by `create` for its monitor;
 //! - `sandbox`: one microVM and its agent ([`sandbox::Sandbox`]) and the containers in it
 //!   ([`sandbox::Container`]);
@@ -22,7 +22,6 @@ pub mod console;
 pub mod control;
 pub mod error;
 pub mod hooks;
-pub mod host_files;
 pub mod images;
 pub mod launch;
 pub mod layer_cache;
@@ -30,6 +29,7 @@ pub mod network;
 pub mod phase;
 pub mod progress;
 pub mod sandbox;
+pub mod shares;
 pub mod signal;
 pub mod state;
 pub mod stdio;

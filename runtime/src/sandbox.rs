@@ -11,9 +11,12 @@ use std::time::{Duration, Instant, SystemTime};
 use cocoon_agent_protocol::client::{AgentClient, ClientError, Patience};
 use cocoon_agent_protocol::message::{
     ContainerStats, CreateContainer, ExecProcess, ExitStatus, GuestCounters, GuestSetup,
-    NetworkSetup,
+    NetworkSetup, SHARES_TAG,
 };
-use cocoon_vmm::config::{ConsoleConfig, DiskConfig, NetConfig, TapSource, VmConfig, VsockConfig};
+use cocoon_vmm::config::{
+    ConsoleConfig, DiskConfig, FsConfig, NetConfig, TapSource, VmConfig, VsockConfig,
+};
+use cocoon_vmm::devices::virtio::fs::Share;
 use cocoon_vmm::lifecycle::ExitReason;
 use cocoon_vmm::snapshot::RestoreConfig;
 use cocoon_vmm::vm::Vm;
@@ -23,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::launch::Launch;
 use crate::progress::{GuestLimits, Probe, Watch};
+use crate::shares::HostShare;
 use crate::template::{Template, TemplateSpec, Templates};
 
 /// How a sandbox's VM comes up.
@@ -65,7 +69,8 @@ pub struct SandboxConfig {
 }
 
 impl SandboxConfig {
-    /// The sandbox of a container `create` prepared: its layers, then its host files.
+    /// The sandbox of a container `create` prepared: its layers as disks (its host files are
+    /// shared once it runs: [`Sandbox::add_shares`]).
     pub fn for_launch(
         launch: &Launch,
         vsock_socket: &Path,
@@ -76,12 +81,7 @@ impl SandboxConfig {
             initrd: launch.initrd.clone(),
             cpus: launch.cpus,
             memory_mib: launch.memory_mib,
-            disks: launch
-                .images
-                .iter()
-                .chain(launch.host_files.iter())
-                .cloned()
-                .collect(),
+            disks: launch.images.clone(),
             vsock_socket: vsock_socket.to_owned(),
             limits: launch.guest_limits,
             taps: taps.to_vec(),
@@ -125,7 +125,12 @@ impl SandboxConfig {
                 cid: GUEST_CID,
                 uds: self.vsock_socket.clone(),
             }),
-            fs: None,
+            // Every VM has the file server, without shares until a container's are added: a
+            // template's clones get theirs after the restore.
+            fs: Some(FsConfig {
+                tag: SHARES_TAG.into(),
+                shares: Vec::new(),
+            }),
             nets: (0..self.nic_slots.max(self.taps.len()))
                 .map(|slot| self.nic(slot))
                 .collect(),
@@ -228,6 +233,8 @@ pub struct Sandbox {
     vm: Arc<Vm>,
     vsock_socket: PathBuf,
     channel: Channel,
+    /// Host files shared with the guest so far.
+    shared: std::sync::atomic::AtomicUsize,
 }
 
 impl Sandbox {
@@ -243,6 +250,7 @@ impl Sandbox {
             vm: Arc::new(vm),
             vsock_socket: config.vsock_socket.clone(),
             channel: Channel::new(&config.vsock_socket, config.limits),
+            shared: Default::default(),
         };
         sandbox.vm.resume()?;
         crate::phase::phase(phase);
@@ -337,8 +345,17 @@ impl Sandbox {
         Sandbox::restore(&filled, &template.snapshot_dir())
     }
 
-    /// Saves the VM to `dir` (pausing it first); it stays paused.
+    /// Saves the VM to `dir` (pausing it first); it stays paused. A VM with host files shared
+    /// is refused before it is paused: the file server's open files cannot be saved.
     pub fn snapshot(&self, dir: &Path) -> Result<(), Error> {
+        if self.shared.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return Err(Error::Other(
+                "the container has host files bind-mounted (shared with its microVM over \
+                 virtio-fs), which a checkpoint cannot carry: run it without bind mounts to \
+                 checkpoint it"
+                    .into(),
+            ));
+        }
         self.vm.pause()?;
         Ok(self.vm.snapshot(dir)?)
     }
@@ -445,6 +462,26 @@ impl Sandbox {
                 .vm
                 .attach_tap(&format!("net{slot}"), TapSource::Detached);
         }
+    }
+
+    /// Shares these host files with the guest (the VM's file server serves them by name);
+    /// the container whose spec names them may then be created. Each source is opened again
+    /// and checked to be the file `create` saw.
+    pub fn add_shares(&self, shares: &[HostShare]) -> Result<(), Error> {
+        for share in shares {
+            let root = share.open()?;
+            let share = Share {
+                name: share.name.clone(),
+                root,
+                read_only: share.read_only,
+            };
+            self.vm
+                .add_share("fs0", share)
+                .map_err(|e| Error::Other(format!("cannot share a host file with the VM: {e}")))?;
+        }
+        self.shared
+            .fetch_add(shares.len(), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Has the agent create a container (stopped before its process execs).

@@ -29,15 +29,15 @@ use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::state::{lock_file, read_json, rfc3339, write_atomically};
 
 /// The layout of a template directory; bump when it changes shape.
-const LAYOUT_VERSION: u32 = 2;
+const LAYOUT_VERSION: u32 = 3;
 const INFO_FILE: &str = "template.json";
 const VM_DIR: &str = "vm";
 
-/// Disk slots of the usual template: enough for images of a few layers plus the host files.
+/// Disk slots of the usual template: enough for images of a few layers.
 pub const DEFAULT_SLOTS: usize = 8;
-/// Disk slots of the template for containers with more: every virtio slot but the vsock's
-/// and one NIC's.
-pub const MAX_SLOTS: usize = cocoon_vmm::arch::x86_64::layout::VIRTIO_MAX_DEVICES - 2;
+/// Disk slots of the template for containers with more: every virtio slot but the vsock's,
+/// the file server's and one NIC's.
+pub const MAX_SLOTS: usize = cocoon_vmm::arch::x86_64::layout::VIRTIO_MAX_DEVICES - 3;
 
 /// What a template is made from; its hash names it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,6 +26,7 @@ use crate::builder::{BuildError, Origin};
 use crate::bus::lock;
 use crate::config::{DiskConfig, TapSource, VmConfig};
 use crate::devices::registry::Devices;
+use crate::devices::virtio::fs::Share;
 use crate::event_loop::EventLoop;
 use crate::jail::{self, Jail, JailError, Role};
 use crate::lifecycle::{ExitReason, Lifecycle};
@@ -59,6 +60,14 @@ pub enum SwapError {
     NoSuchDisk(String),
     #[error(transparent)]
     Device(#[from] crate::devices::virtio::persist::SwapError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("the VM has no virtio-fs device {0} (it is fs0 when the VM has one)")]
+    NoFs(String),
+    #[error(transparent)]
+    Device(#[from] crate::devices::virtio::persist::ShareAddError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -560,6 +569,20 @@ impl Vm {
                 other => other,
             };
         }
+        Ok(())
+    }
+
+    /// Shares a host directory or file (`share.root`, opened by the caller, usually `O_PATH`)
+    /// with the guest through virtio-fs device `id` (`fs0`), while the VM runs or is paused:
+    /// a VM restored from a template gets its container's volumes this way. A snapshot does
+    /// not keep it (a descriptor, not a path); one taken once the guest has used the share
+    /// refuses to restore.
+    pub fn add_share(&self, id: &str, share: Share) -> Result<(), ShareError> {
+        let transport = self
+            .devices
+            .get(id)
+            .ok_or_else(|| ShareError::NoFs(id.to_owned()))?;
+        lock(transport).add_share(share)?;
         Ok(())
     }
 

@@ -227,12 +227,12 @@ pub struct CreateContainer {
     /// Read-only EROFS block devices of the root filesystem, lowest layer first, as guest
     /// device paths (`/dev/vdb`) or `serial:ID` (the virtio-blk serial).
     pub layers: Vec<String>,
-    /// A read-only EROFS device with the host files the spec bind-mounts (`/etc/hosts`,
-    /// `/etc/resolv.conf`, volumes...), copied by the runtime. The agent mounts it at
-    /// [`host_files_dir`] before the spec's mounts, whose sources the runtime has rewritten to
-    /// point there.
+    /// The spec's bind mounts whose sources are under [`SHARES_DIR`] are host directories and
+    /// files shared over virtio-fs (the runtime has rewritten their sources there and added
+    /// the shares to the VM): the agent mounts the [`SHARES_TAG`] file system at
+    /// [`SHARES_DIR`], once per guest, before the spec's mounts.
     #[serde(default)]
-    pub host_files: Option<String>,
+    pub shares: bool,
     pub stdio: StdioConfig,
     /// The container has the VM to itself (one VM per container): the new UTS and IPC
     /// namespaces its spec asks for are the guest's own, which nothing else uses and which are
@@ -253,9 +253,14 @@ pub struct CreateContainer {
     pub guest_network: bool,
 }
 
-/// Where the agent mounts a container's host files device.
-pub fn host_files_dir(container_id: &str) -> String {
-    format!("/run/cocoon/containers/{container_id}/host")
+/// The virtio-fs tag of the VM's one file-sharing device, which carries every share.
+pub const SHARES_TAG: &str = "cocoon";
+/// Where the agent mounts [`SHARES_TAG`]: each share is `SHARES_DIR/<name>`.
+pub const SHARES_DIR: &str = "/run/cocoon/fs";
+
+/// The guest path of the share called `name`.
+pub fn share_path(name: &str) -> String {
+    format!("{SHARES_DIR}/{name}")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -10,6 +10,7 @@ pub mod mounts;
 pub mod process;
 pub mod rootfs;
 pub mod seccomp;
+pub mod shares;
 pub mod spawn;
 pub mod syscall;
 
@@ -662,7 +663,7 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         container_id: id,
         spec,
         layers,
-        host_files,
+        shares,
         stdio: stdio_config,
         owns_guest,
         guest_network,
@@ -691,10 +692,6 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         ));
     }
     let privileges = privileges(&process, &spec)?;
-    let host_files = host_files
-        .map(|name| rootfs::layer_device(&name))
-        .transpose()
-        .map_err(|e| error(ErrorKind::InvalidArgument, e.to_string()))?;
     let devices = layers
         .iter()
         .map(|l| rootfs::layer_device(l))
@@ -702,8 +699,11 @@ fn create_container(request: CreateContainer) -> Result<Arc<Container>, AgentErr
         .map_err(|e| error(ErrorKind::InvalidArgument, e.to_string()))?;
 
     let sys = LinuxSyscall;
-    let mut rootfs = Rootfs::mount(&sys, &id, &devices, host_files.as_deref())
-        .map_err(|e| error(ErrorKind::Failed, e.to_string()))?;
+    if shares {
+        shares::mount_once(&sys).map_err(|e| error(ErrorKind::Failed, e.to_string()))?;
+    }
+    let mut rootfs =
+        Rootfs::mount(&sys, &id, &devices).map_err(|e| error(ErrorKind::Failed, e.to_string()))?;
     let cgroup = Cgroup::for_container(&id);
     // The create's error, with the root filesystem's if that cannot be unmounted: the engine
     // must learn that the guest holds it.
@@ -860,7 +860,7 @@ mod tests {
     fn a_root_filesystem_left_mounted_fails_the_remove_and_stays_for_the_next() {
         use syscall::recorder::Recorder;
         let mut sys = Recorder::default();
-        let rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")], None).unwrap();
+        let rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")]).unwrap();
         let slot = Mutex::new(Some(rootfs));
         sys.failing
             .insert("umount /run/cocoon/containers/c1".into());

@@ -181,12 +181,7 @@ pub struct Rootfs {
 impl Rootfs {
     /// Mounts `layers` (device paths, lowest first) and the overlay for container `id`. On
     /// failure, whatever was mounted is unmounted again.
-    pub fn mount(
-        sys: &dyn Syscall,
-        id: &str,
-        layers: &[PathBuf],
-        host_files: Option<&Path>,
-    ) -> Result<Rootfs, RootfsError> {
+    pub fn mount(sys: &dyn Syscall, id: &str, layers: &[PathBuf]) -> Result<Rootfs, RootfsError> {
         if layers.is_empty() {
             return Err(RootfsError::NoLayers);
         }
@@ -196,7 +191,7 @@ impl Rootfs {
             base,
             mounted: Vec::new(),
         };
-        match rootfs.mount_all(sys, layers, host_files) {
+        match rootfs.mount_all(sys, layers) {
             Ok(()) => Ok(rootfs),
             Err(error) => match rootfs.unmount(sys) {
                 Ok(()) => Err(error),
@@ -208,12 +203,7 @@ impl Rootfs {
         }
     }
 
-    fn mount_all(
-        &mut self,
-        sys: &dyn Syscall,
-        layers: &[PathBuf],
-        host_files: Option<&Path>,
-    ) -> Result<(), RootfsError> {
+    fn mount_all(&mut self, sys: &dyn Syscall, layers: &[PathBuf]) -> Result<(), RootfsError> {
         let base = self.base.clone();
         // Under the directories prepare_runtime_dirs made at boot, and 0711 like them: the root
         // of a user namespace is an unprivileged uid of the guest and must still reach its
@@ -244,10 +234,6 @@ impl Rootfs {
             context(sys.mkdir(&dir, 0o755), || {
                 format!("create {}", dir.display())
             })?;
-        }
-        if let Some(device) = host_files {
-            let target = base.join("host");
-            self.mount_erofs(sys, device, &target, "the host files")?;
         }
         let mut lower = Vec::new();
         for (index, device) in layers.iter().enumerate() {
@@ -418,7 +404,7 @@ mod tests {
     fn layers_stack_lowest_last_under_a_tmpfs_upper() {
         let sys = Recorder::default();
         let layers = [PathBuf::from("/dev/vdb"), PathBuf::from("/dev/vdc")];
-        let mut rootfs = Rootfs::mount(&sys, "c1", &layers, None).unwrap();
+        let mut rootfs = Rootfs::mount(&sys, "c1", &layers).unwrap();
         assert_eq!(rootfs.root, Path::new("/run/cocoon/containers/c1/rootfs"));
         let mounts = sys.calls_of("mount");
         assert_eq!(
@@ -467,7 +453,7 @@ mod tests {
         sys.mounts
             .borrow_mut()
             .push("/run/cocoon/containers/c1".into());
-        let mut rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")], None).unwrap();
+        let mut rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")]).unwrap();
         rootfs.unmount(&sys).unwrap();
         assert_eq!(
             sys.calls_of("umount"),
@@ -490,7 +476,7 @@ mod tests {
             // Another container's, whose name starts the same: not this one's to detach.
             PathBuf::from("/run/cocoon/containers/c10"),
         ]);
-        let mut rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")], None).unwrap();
+        let mut rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")]).unwrap();
         rootfs.unmount(&sys).unwrap();
         assert_eq!(
             sys.calls_of("umount"),
@@ -508,7 +494,7 @@ mod tests {
     #[test]
     fn a_root_that_stays_mounted_is_an_error_and_kept_for_another_try() {
         let mut sys = Recorder::default();
-        let mut rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")], None).unwrap();
+        let mut rootfs = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")]).unwrap();
         sys.failing
             .insert("umount /run/cocoon/containers/c1".into());
         let err = rootfs.unmount(&sys).unwrap_err();
@@ -535,7 +521,7 @@ mod tests {
             .insert("mount /run/cocoon/containers/c1/rootfs".into());
         sys.failing
             .insert("umount /run/cocoon/containers/c1".into());
-        let err = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")], None).unwrap_err();
+        let err = Rootfs::mount(&sys, "c1", &[PathBuf::from("/dev/vdb")]).unwrap_err();
         let text = err.to_string();
         assert!(
             text.starts_with("mount the overlay root: Operation not permitted"),
@@ -604,7 +590,7 @@ mod tests {
         sys.failing
             .insert("mount /run/cocoon/containers/c1/layers/1".into());
         let layers = [PathBuf::from("/dev/vdb"), PathBuf::from("/dev/vdc")];
-        let err = Rootfs::mount(&sys, "c1", &layers, None).unwrap_err();
+        let err = Rootfs::mount(&sys, "c1", &layers).unwrap_err();
         assert!(err.to_string().contains("/dev/vdc"), "{err}");
         assert_eq!(
             sys.calls_of("umount"),

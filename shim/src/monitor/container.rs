@@ -199,6 +199,7 @@ fn open(dir: &Path, container: &Container) -> Result<(Sandbox, Stdio), CliError>
         .unwrap_or_else(|| id.chars().take(64).collect());
     sandbox.setup_guest(hostname, network.carried.setup.clone())?;
     crate::logging::phase("identity set");
+    sandbox.add_shares(&launch.shares)?;
     let stdio = Stdio::attach(
         container.vsock_socket(),
         id,
@@ -206,17 +207,13 @@ fn open(dir: &Path, container: &Container) -> Result<(Sandbox, Stdio), CliError>
         launch.terminal(),
         launch.console_socket.as_deref(),
     )?;
-    // The guest names disks in the order they are given: the layers, then the host files.
+    // The guest names disks in the order they are given: the layers.
     let layers = (0..launch.images.len()).map(disk_name).collect();
-    let host_files = launch
-        .host_files
-        .as_ref()
-        .map(|_| disk_name(launch.images.len()));
     sandbox.create_container(CreateContainer {
         container_id: id.to_owned(),
         spec: Box::new(launch.spec.clone()),
         layers,
-        host_files,
+        shares: !launch.shares.is_empty(),
         stdio: stdio.config,
         owns_guest: true,
         guest_network: !network.carried.setup.interfaces.is_empty(),

@@ -138,6 +138,11 @@ pub trait VirtioDevice: Send {
     fn as_net_mut(&mut self) -> Option<&mut net::Net> {
         None
     }
+    /// The virtio-fs device behind this trait object, so a share can be added through the
+    /// transport; `None` for every other kind.
+    fn as_fs_mut(&mut self) -> Option<&mut fs::Fs> {
+        None
+    }
 }
 
 /// Copies the part of a device's configuration space at `offset` into `data`; bytes past the

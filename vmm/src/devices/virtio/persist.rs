@@ -224,6 +224,15 @@ pub enum AttachError {
     Watch(std::io::Error),
 }
 
+/// Why a share could not be added; the caller knows which device it asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareAddError {
+    #[error("not a virtio-fs device (virtio device type {0}): only it takes shares")]
+    NotFs(u32),
+    #[error(transparent)]
+    Fs(#[from] super::fs::FsError),
+}
+
 /// `block` for `block0`; `None` for an id without a kind and an index.
 fn id_kind(id: &str) -> Option<&str> {
     let kind = id.trim_end_matches(|c: char| c.is_ascii_digit());
@@ -495,6 +504,17 @@ impl MmioTransport {
             Some(tap) => net.attach(tap).map_err(AttachError::Watch)?,
             None => net.detach(),
         }
+        Ok(())
+    }
+
+    /// Adds a share to a virtio-fs device under a running guest: it appears in the root of
+    /// the guest's mount at its next lookup.
+    pub fn add_share(&mut self, share: super::fs::Share) -> Result<(), ShareAddError> {
+        let device_type = self.device.device_type();
+        let Some(fs) = self.device.as_fs_mut() else {
+            return Err(ShareAddError::NotFs(device_type));
+        };
+        fs.add_share(share)?;
         Ok(())
     }
 }

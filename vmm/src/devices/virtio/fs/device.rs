@@ -166,6 +166,10 @@ impl VirtioDevice for Fs {
         self.server.reset();
     }
 
+    fn as_fs_mut(&mut self) -> Option<&mut Fs> {
+        Some(self)
+    }
+
     fn save(&self) -> DeviceState {
         DeviceState::Fs(super::persist::FsState {
             tag: self.tag.clone(),

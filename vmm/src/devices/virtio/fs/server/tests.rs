@@ -224,6 +224,14 @@ fn a_file_made_in_the_guest_is_on_the_host_and_back() {
     let mut fsync = fh.to_le_bytes().to_vec();
     fsync.extend_from_slice(&[0; 8]);
     call(&mut server, opcode::FSYNC, file, &fsync).unwrap();
+    // FLUSH is declined, so the guest stops sending one at every close; the file stays open.
+    let mut flush = fh.to_le_bytes().to_vec();
+    flush.extend_from_slice(&[0; 16]);
+    assert_eq!(
+        call(&mut server, opcode::FLUSH, file, &flush),
+        Err(libc::ENOSYS)
+    );
+    assert_eq!(read(&mut server, file, fh, 0, 7).unwrap(), b"changed");
 
     // The same inode looked up again is the same node.
     assert_eq!(lookup(&mut server, vol, "log").unwrap().0, file);
