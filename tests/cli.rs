@@ -1149,4 +1149,28 @@ fn checkpoint_and_restore_keep_a_running_process_going() {
     assert_eq!(cocoon.state("k1")["status"], "stopped");
     cocoon.ok(&["delete", "k1"]);
     assert!(cocoon.containers().is_empty());
+
+    // A container with a host directory shared into its VM: refused at once, left running.
+    let vol = scratch.path("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    let shared = bundle(&scratch.path("shared"), &["sleep", "1000"]);
+    let config = shared.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    spec["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+        "destination": "/data", "type": "bind", "source": vol, "options": ["rbind", "rw"]
+    }));
+    std::fs::write(&config, serde_json::to_vec(&spec).unwrap()).unwrap();
+    cocoon.detached(&["run", "--detach", "--bundle", shared.to_str().unwrap(), "k3"]);
+    let err = cocoon.fails(&[
+        "checkpoint",
+        "--image-path",
+        scratch.path("ckpt3").to_str().unwrap(),
+        "k3",
+    ]);
+    assert!(err.contains("a checkpoint cannot carry"), "{err}");
+    assert!(!scratch.path("ckpt3").exists(), "a refused checkpoint made its directory");
+    assert_eq!(cocoon.state("k3")["status"], "running");
+    cocoon.ok(&["delete", "--force", "k3"]);
+    assert!(cocoon.containers().is_empty());
 }

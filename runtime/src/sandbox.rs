@@ -348,6 +348,13 @@ impl Sandbox {
     /// Saves the VM to `dir` (pausing it first); it stays paused. A VM with host files shared
     /// is refused before it is paused: the file server's open files cannot be saved.
     pub fn snapshot(&self, dir: &Path) -> Result<(), Error> {
+        self.check_snapshot()?;
+        self.vm.pause()?;
+        Ok(self.vm.snapshot(dir)?)
+    }
+
+    /// Whether the VM can be saved: not once host files are shared with it.
+    pub fn check_snapshot(&self) -> Result<(), Error> {
         if self.shared.load(std::sync::atomic::Ordering::Relaxed) > 0 {
             return Err(Error::Other(
                 "the container has host files bind-mounted (shared with its microVM over \
@@ -356,8 +363,7 @@ impl Sandbox {
                     .into(),
             ));
         }
-        self.vm.pause()?;
-        Ok(self.vm.snapshot(dir)?)
+        Ok(())
     }
 
     /// Waits for the agent's first answer for as long as the guest makes progress (this

@@ -354,6 +354,8 @@ impl Held {
                 Ok(())
             }
             Request::Checkpoint { dir, leave_running } => {
+                // Refused before anything is made or paused.
+                self.sandbox.check_snapshot()?;
                 // Guest RAM, every secret of the guest: 0700, as runc makes its image path.
                 crate::state::create_private_dir_all(&dir).map_err(CliError::io("create", &dir))?;
                 self.sandbox.snapshot(&checkpoint::vm_dir(&dir))?;
