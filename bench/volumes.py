@@ -9,7 +9,8 @@ on the host itself, in the same run:
   unlink      `rm -r` of them (files/s)
 Guest times come from the guest's /proc/uptime (10 ms steps), so the counts are sized for a
 guest, where each is seconds.
-Usage: bench/volumes.py [--mib M] [--files N]   (or BENCH_MIB, BENCH_FILES)
+A step that fails ends the script, and its row says so.
+Usage: bench/volumes.py [--mib M] [--files N]   (or BENCH_VOLUME_MIB, BENCH_FILES)
 """
 import argparse
 import os
@@ -21,10 +22,12 @@ import tempfile
 from network import IMAGE, IMAGE_TAR, Podman
 from selftest_vm import ROOT
 
-BUSYBOX = os.path.join(ROOT, "build/busybox-rootfs/bin/busybox")
+BUSYBOX = os.path.join(os.environ.get("COCOON_BUSYBOX_DIR", os.path.join(ROOT, "build/busybox-rootfs")),
+                       "bin/busybox")
 
 # Prints "T <uptime> <step>" after each step, in the directory given as $1.
 SCRIPT = r"""
+set -e
 d=$1; mib=$2; n=$3
 t() { echo "T $(cut -d' ' -f1 /proc/uptime) $1"; }
 t start
@@ -32,6 +35,7 @@ dd if=/dev/zero of=$d/seq bs=1M count=$mib 2>/dev/null; t write
 dd if=$d/seq of=/dev/null bs=1M 2>/dev/null; t read
 rm $d/seq; mkdir $d/many; i=0
 while [ $i -lt $n ]; do echo $i > $d/many/f$i; i=$((i+1)); done; t create
+[ "$(ls $d/many | wc -l)" -eq $n ]
 ls -l $d/many > /dev/null; t stat
 rm -r $d/many; t unlink
 """
@@ -42,7 +46,7 @@ STEPS = ["write", "read", "create", "stat", "unlink"]
 def rates(output, mib, files):
     """The steps' rates from the script's `T` lines."""
     marks = [line.split() for line in output.splitlines() if line.startswith("T ")]
-    times = {name: float(t) for _, t, name in marks}
+    times = {m[2]: float(m[1]) for m in marks if len(m) == 3}
     order = ["start", *STEPS]
     if any(step not in times for step in order):
         return None
@@ -66,7 +70,7 @@ def on_host(vol, mib, files):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mib", type=int, default=int(os.environ.get("BENCH_MIB", 16)))
+    parser.add_argument("--mib", type=int, default=int(os.environ.get("BENCH_VOLUME_MIB", 16)))
     parser.add_argument("--files", type=int, default=int(os.environ.get("BENCH_FILES", 200)))
     args = parser.parse_args()
     if shutil.which("podman") is None:

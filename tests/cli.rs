@@ -1157,11 +1157,20 @@ fn checkpoint_and_restore_keep_a_running_process_going() {
     let config = shared.join("config.json");
     let mut spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
-    spec["mounts"].as_array_mut().unwrap().push(serde_json::json!({
-        "destination": "/data", "type": "bind", "source": vol, "options": ["rbind", "rw"]
-    }));
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/data", "type": "bind", "source": vol, "options": ["rbind", "rw"]
+        }));
     std::fs::write(&config, serde_json::to_vec(&spec).unwrap()).unwrap();
-    cocoon.detached(&["run", "--detach", "--bundle", shared.to_str().unwrap(), "k3"]);
+    cocoon.detached(&[
+        "run",
+        "--detach",
+        "--bundle",
+        shared.to_str().unwrap(),
+        "k3",
+    ]);
     let err = cocoon.fails(&[
         "checkpoint",
         "--image-path",
@@ -1169,7 +1178,10 @@ fn checkpoint_and_restore_keep_a_running_process_going() {
         "k3",
     ]);
     assert!(err.contains("a checkpoint cannot carry"), "{err}");
-    assert!(!scratch.path("ckpt3").exists(), "a refused checkpoint made its directory");
+    assert!(
+        !scratch.path("ckpt3").exists(),
+        "a refused checkpoint made its directory"
+    );
     assert_eq!(cocoon.state("k3")["status"], "running");
     cocoon.ok(&["delete", "--force", "k3"]);
     assert!(cocoon.containers().is_empty());

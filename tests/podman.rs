@@ -196,7 +196,19 @@ t escapes
 echo done
 "#;
     let started = Instant::now();
-    let out = podman.ok(&["run", "--rm", "-v", &volume, IMAGE, "sh", "-c", script]);
+    // CAP_MKNOD, so that the guest kernel lets mknod through and the file server refuses it.
+    let out = podman.ok(&[
+        "run",
+        "--rm",
+        "--cap-add",
+        "MKNOD",
+        "-v",
+        &volume,
+        IMAGE,
+        "sh",
+        "-c",
+        script,
+    ]);
     eprintln!("podman run -v: {:.1} s", started.elapsed().as_secs_f64());
     let (steps, out): (Vec<&str>, Vec<&str>) = out.lines().partition(|l| l.starts_with("T "));
     eprintln!("{}", steps.join("\n"));
@@ -287,6 +299,8 @@ echo done
         .ok(&["inspect", "--format", "{{.Id}}", "live"])
         .trim()
         .to_owned();
+    let state = Path::new("/run/cocoon").join(&id);
+    assert!(state.exists(), "no runtime state at {}", state.display());
     std::fs::write(vol.join("go"), "from-host\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::read_to_string(vol.join("seen")).unwrap_or_default() != "from-host\n" {
@@ -303,7 +317,7 @@ echo done
         assert!(Instant::now() < deadline, "{:?}", processes_mentioning(&id));
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(!Path::new("/run/cocoon").join(&id).exists());
+    assert!(!state.exists(), "{} left behind", state.display());
 }
 
 fn md5(path: &Path) -> String {

@@ -183,11 +183,14 @@ pub fn plan(spec: &mut Spec) -> Result<Vec<HostShare>, ShareError> {
                 mount = shm()
             }
             Some(source) if is_bind(&mount) && !guest_own(&source) => {
-                // A source that does not exist is left to fail in the guest, as runc's would.
-                let Ok(resolved) = std::fs::canonicalize(&source) else {
-                    rewritten.push(mount);
-                    continue;
-                };
+                // One that cannot be resolved fails here, as runc's mount would: left as it
+                // is, the guest would resolve it in its own file system.
+                let resolved = std::fs::canonicalize(&source).map_err(|e| ShareError::Io {
+                    destination: mount.destination().clone(),
+                    what: "resolve",
+                    path: source.clone(),
+                    source: e,
+                })?;
                 if guest_own(&resolved) {
                     // A link into /dev, /proc or /sys: the guest's own, never opened here.
                     mount.set_source(Some(resolved));
@@ -239,8 +242,7 @@ mod tests {
                 {"destination": "/etc/hosts", "type": "bind", "source": dir.join("hosts"), "options": ["rbind", "ro"]},
                 {"destination": "/data", "type": "none", "source": dir.join("link-to-vol"), "options": ["bind", "ro", "rw"]},
                 {"destination": "/dev/shm", "type": "bind", "source": dir.join("shm"), "options": ["bind"]},
-                {"destination": "/guest-proc", "type": "bind", "source": "/proc", "options": ["rbind"]},
-                {"destination": "/missing", "type": "bind", "source": dir.join("nothing"), "options": ["rbind"]}
+                {"destination": "/guest-proc", "type": "bind", "source": "/proc", "options": ["rbind"]}
             ]
         });
         let mut spec: Spec = serde_json::from_value(json).unwrap();
@@ -252,7 +254,6 @@ mod tests {
         assert_eq!(source(2), Path::new("/run/cocoon/fs/1"));
         assert_eq!(mounts[3].typ().as_deref(), Some("tmpfs"));
         assert_eq!(source(4), Path::new("/proc"));
-        assert_eq!(source(5), dir.join("nothing"), "left to fail in the guest");
         // The options stay for the guest to apply.
         assert_eq!(mounts[1].options().as_deref().unwrap(), ["rbind", "ro"]);
         assert_eq!(shares.len(), 2);
@@ -310,6 +311,10 @@ mod tests {
             );
             assert!(text.contains("mount /run/x"), "{text}");
         }
+        // A source that is not there fails create, naming the mount.
+        let (result, _) = plan_within(spec_of(vec![bind("/missing", &dir.join("nothing"))]));
+        let text = result.unwrap_err().to_string();
+        assert!(text.contains("mount /missing: resolve"), "{text}");
         // A link into /dev is the guest's /dev: the host's device is not shared, nor opened.
         std::os::unix::fs::symlink("/dev/null", dir.join("to-null")).unwrap();
         let spec = spec_of(vec![bind("/x", &dir.join("to-null"))]);

@@ -1,7 +1,8 @@
 //! Templates: a snapshot of a booted VM whose agent is ready, which containers' sandboxes are
 //! restored from instead of booting (a boot is 15-25 s of emulated guest kernel code here; a
 //! restore is milliseconds). A template has spare disk slots (empty images, disks of 0 sectors)
-//! into which a restore swaps the container's layers and host files.
+//! into which a restore swaps the container's layers, and a virtio-fs device without shares,
+//! to which the clone's monitor adds the container's bind mounts.
 //!
 //! One template per set of inputs: kernel, initramfs, vCPUs, memory, disk slots, the snapshot
 //! format and the runtime binary itself. The inputs' hash names the template's directory, so a

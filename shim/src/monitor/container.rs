@@ -153,6 +153,13 @@ fn open_restored(
         )));
     }
     let launch = Launch::read_for_vm(dir)?;
+    if let Some(share) = launch.shares.first() {
+        // The checkpointed guest has its mounts; a checkpoint is never of one with shares.
+        return Err(CliError::Other(format!(
+            "mount {}: a restored container cannot get bind mounts its checkpoint did not have",
+            share.destination.display()
+        )));
+    }
     let network = Network::carry(dir, &launch)?;
     let _turn = admit(&launch)?;
     crate::logging::phase("vm restoring");

@@ -80,6 +80,7 @@ type Outcome = Result<Reply, i32>;
 
 pub struct Server {
     shares: Vec<Share>,
+    inodes: InodeSpace,
     nodes: HashMap<u64, Node>,
     by_key: HashMap<(usize, u64, u64), u64>,
     next_node: u64,
@@ -87,6 +88,39 @@ pub struct Server {
     next_handle: u64,
     max_nodes: usize,
     max_handles: usize,
+}
+
+/// Host inode numbers are unique within one host file system, and a share can span several
+/// (mount points inside it; `-v /:/host`) while the guest sees one file system: without care
+/// two files would have one (st_dev, st_ino) there, which `find`, `du`, `tar` and `cp -a` take
+/// for a loop or a hard link. The guest's number carries the host file system's index, in the
+/// order the server met them, in its top byte (the first keeps the host's numbers).
+#[derive(Default)]
+struct InodeSpace {
+    devs: Vec<u64>,
+}
+
+/// File systems told apart; beyond that many the last index is shared (numbers may meet).
+const MAX_DEVS: usize = 255;
+
+impl InodeSpace {
+    fn ino(&mut self, dev: u64, ino: u64) -> u64 {
+        let index = match self.devs.iter().position(|&d| d == dev) {
+            Some(i) => i,
+            None if self.devs.len() < MAX_DEVS => {
+                self.devs.push(dev);
+                self.devs.len() - 1
+            }
+            None => MAX_DEVS,
+        };
+        ino ^ ((index as u64) << 56)
+    }
+
+    /// `st` as the guest is told it.
+    fn guest(&mut self, mut st: libc::stat64) -> libc::stat64 {
+        st.st_ino = self.ino(st.st_dev, st.st_ino);
+        st
+    }
 }
 
 impl Default for Server {
@@ -139,6 +173,7 @@ impl Server {
             max_nodes: MAX_NODES.min(budget / 10 * 9),
             max_handles: MAX_HANDLES.min(budget / 10),
             shares: Vec::new(),
+            inodes: InodeSpace::default(),
             nodes: HashMap::new(),
             by_key: HashMap::new(),
             next_node: ROOT_ID + 1,
@@ -341,6 +376,7 @@ impl Server {
                 id
             }
         };
+        let st = self.inodes.guest(st);
         reply
             .u64(id)
             .u64(0) // generation: node ids are never reused
@@ -417,7 +453,8 @@ impl Server {
         let st = if h.nodeid == ROOT_ID {
             self.root_attr()
         } else {
-            host::stat(self.node(h.nodeid)?.fd.as_raw_fd()).map_err(io_err)?
+            let st = host::stat(self.node(h.nodeid)?.fd.as_raw_fd()).map_err(io_err)?;
+            self.inodes.guest(st)
         };
         Ok(self.attr_reply(h, &st))
     }
@@ -521,6 +558,7 @@ impl Server {
             .map_err(io_err)?;
         }
         let st = host::stat(fd).map_err(io_err)?;
+        let st = self.inodes.guest(st);
         Ok(self.attr_reply(h, &st))
     }
 
@@ -882,6 +920,7 @@ impl Server {
             }
             true
         };
+        let inodes = &mut self.inodes;
         match self.handles.get(&fh) {
             Some(Handle::Root) => {
                 let mut entries: Vec<(u64, u8, &[u8])> = vec![
@@ -895,7 +934,11 @@ impl Server {
                     } else {
                         libc::DT_REG
                     };
-                    entries.push((st.st_ino, kind, share.name.as_bytes()));
+                    entries.push((
+                        inodes.ino(st.st_dev, st.st_ino),
+                        kind,
+                        share.name.as_bytes(),
+                    ));
                 }
                 for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize)
                 {
@@ -905,6 +948,9 @@ impl Server {
                 }
             }
             Some(Handle::Dir(dir)) => {
+                // Entries are numbered as the directory's file system (a mount point's entry
+                // is the covered directory's, as the host lists it).
+                let dev = host::stat(dir.as_raw_fd()).map_err(io_err)?.st_dev;
                 let mut at = offset;
                 'outer: loop {
                     let entries = host::read_dir(dir, at).map_err(io_err)?;
@@ -912,7 +958,8 @@ impl Server {
                         break;
                     }
                     for e in entries {
-                        if !add(&mut reply, e.ino, e.next, e.kind, &e.name) {
+                        let ino = inodes.ino(dev, e.ino);
+                        if !add(&mut reply, ino, e.next, e.kind, &e.name) {
                             break 'outer;
                         }
                         at = e.next;

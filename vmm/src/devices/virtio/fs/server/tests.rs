@@ -599,3 +599,68 @@ fn share_names_and_kinds_are_checked() {
     let mut file = Server::new();
     add(&mut file, &s.0.join("outside/secret")).unwrap();
 }
+
+#[test]
+fn files_of_two_host_file_systems_keep_distinct_inode_numbers() {
+    let s = Scratch::new("two-fs");
+    fs::write(s.share().join("a"), b"a").unwrap();
+    let sub = s.share().join("sub");
+    fs::create_dir(&sub).unwrap();
+    let c = CString::new(sub.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: NUL-terminated strings alive for the call; no data.
+    let mounted = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            c.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } == 0;
+    if !mounted {
+        eprintln!("SKIPPED the second file system: cannot mount a tmpfs (not root?)");
+        return;
+    }
+    fs::write(sub.join("b"), b"b").unwrap();
+    let host_ino = |p: &Path| fs::symlink_metadata(p).unwrap().ino();
+    let (a_host, sub_host, b_host) = (
+        host_ino(&s.share().join("a")),
+        host_ino(&sub),
+        host_ino(&sub.join("b")),
+    );
+    let mut server = server(&s);
+    // entry_out is 40 bytes, then fuse_attr, whose first field is the inode number.
+    let ino_of = |server: &mut Server, parent: u64, n: &str| {
+        let reply = call(server, opcode::LOOKUP, parent, &name(n)).unwrap();
+        (u64_at(&reply, 0), u64_at(&reply, 40))
+    };
+    let (vol, _) = ino_of(&mut server, ROOT_ID, "vol");
+    let (_, a) = ino_of(&mut server, vol, "a");
+    let (sub_node, sub_ino) = ino_of(&mut server, vol, "sub");
+    let (_, b) = ino_of(&mut server, sub_node, "b");
+    // SAFETY: as above.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    assert_eq!(a, a_host, "the first file system keeps the host's numbers");
+    assert_eq!((sub_ino, b), (sub_host | 1 << 56, b_host | 1 << 56));
+    assert_ne!(sub_ino, ROOT_ID);
+    // A listing numbers its entries the same way.
+    let fh = u64_at(
+        &call(&mut server, opcode::OPENDIR, sub_node, &[0; 8]).unwrap(),
+        0,
+    );
+    let mut body = fh.to_le_bytes().to_vec();
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&4096u32.to_le_bytes());
+    body.extend_from_slice(&[0; 12]);
+    let listing = call(&mut server, opcode::READDIR, sub_node, &body).unwrap();
+    let mut at = 0;
+    let mut found = None;
+    while at + 24 <= listing.len() {
+        let len = u32_at(&listing, at + 16) as usize;
+        if &listing[at + 24..at + 24 + len] == b"b" {
+            found = Some(u64_at(&listing, at));
+        }
+        at += (24 + len).div_ceil(8) * 8;
+    }
+    assert_eq!(found, Some(b));
+}
